@@ -1,0 +1,1 @@
+"""API layer: routes, authentication, error mapping and the schemas of system endpoints."""

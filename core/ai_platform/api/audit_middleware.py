@@ -1,0 +1,51 @@
+"""Audit middleware: times every request and records it once, whatever its outcome."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from ai_platform.api.auth import Principal
+from ai_platform.api.errors import status_for
+from ai_platform.usage import audit
+
+
+class AuditMiddleware(ASGIMiddleware):
+    """Outermost route middleware, so it also sees requests refused by authentication."""
+
+    scopes = ("http",)  # type: ignore[assignment]
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        started = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await next_app(scope, receive, capture)
+        except BaseException as exc:
+            status = status_for(exc)  # answered by the app-level exception handler after us
+            raise
+        finally:
+            state = scope.get("state", {})
+            user = scope.get("user")
+            await audit.record(
+                audit.AuditEntry(
+                    timestamp=datetime.now(UTC),
+                    request_id=state.get("request_id"),
+                    method=scope["method"],
+                    path=scope["path"][:256],
+                    operation=scope["route_handler"].opt.get("operation"),
+                    key_id=user.key_id if isinstance(user, Principal) else None,
+                    status=status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                    output_tokens=state.get("output_tokens", 0),
+                )
+            )

@@ -1,0 +1,80 @@
+"""Authentication (middleware) and authorisation (guards) by ``X-API-Key``.
+
+Keys are compared in constant time against every configured key, so timing
+reveals neither which key matched nor how much of a key was right. Only a
+keyed hash of the key (its id) is ever stored or logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
+
+from ai_platform.errors import AuthenticationError
+from ai_platform.usage.audit import key_id
+
+API_KEY_HEADER = "X-API-Key"
+PUBLIC_PATHS = ["^/health$"]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller, as ``request.user``."""
+
+    key_id: str
+    is_admin: bool
+
+
+class KeyRing:
+    """The configured keys, held only as SHA-256 digests."""
+
+    def __init__(self, client_keys: list[str], admin_keys: list[str], secret_key: str) -> None:
+        self._secret_key = secret_key
+        self._client = [self._digest(k) for k in client_keys]
+        self._admin = [self._digest(k) for k in admin_keys]
+
+    @staticmethod
+    def _digest(key: str) -> bytes:
+        return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+    @staticmethod
+    def _matches(candidate: bytes, digests: list[bytes]) -> bool:
+        found = False
+        for digest in digests:  # no early exit: the loop takes the same time whichever key matches
+            found |= hmac.compare_digest(candidate, digest)
+        return found
+
+    def authenticate(self, key: str | None) -> Principal:
+        if not key:
+            raise AuthenticationError()
+        candidate = self._digest(key)
+        is_admin = self._matches(candidate, self._admin)
+        if not (self._matches(candidate, self._client) or is_admin):
+            raise AuthenticationError()
+        return Principal(key_id=key_id(key, self._secret_key), is_admin=is_admin)
+
+
+class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
+    def __init__(self, app: object, keyring: KeyRing, **kwargs: object) -> None:
+        super().__init__(app, **kwargs)  # type: ignore[arg-type]
+        self.keyring = keyring
+
+    async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:  # type: ignore[type-arg]
+        principal = self.keyring.authenticate(connection.headers.get(API_KEY_HEADER))
+        return AuthenticationResult(user=principal, auth=None)
+
+
+def api_key_middleware(keyring: KeyRing) -> DefineMiddleware:
+    return DefineMiddleware(ApiKeyMiddleware, keyring=keyring, exclude=PUBLIC_PATHS)
+
+
+def admin_only(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+    """Guard: the caller's key must be one of ``ADMIN_API_KEYS``."""
+    user = connection.scope.get("user")
+    if not (isinstance(user, Principal) and user.is_admin):
+        raise AuthenticationError("This action requires an admin API key.")

@@ -1,0 +1,49 @@
+"""``POST /operations/{name}``: one route per operation, each with its own schemas in OpenAPI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, post
+from litestar.handlers import HTTPRouteHandler
+
+from ai_platform.operations import Operation
+from ai_platform.services.operation_service import OperationService
+
+
+def operation_route(operation: Operation, service: OperationService) -> HTTPRouteHandler:  # type: ignore[type-arg]
+    """Build the route handler of one operation."""
+
+    async def handler(request: Request[Any, Any, Any], data: Any) -> Any:
+        request.state.request_id = getattr(data, "request_id", None)
+        response, tokens = await service.execute(operation.name, data)
+        request.state.output_tokens = tokens
+        return response
+
+    # The annotations carry the operation's own types, so Litestar validates the
+    # body and documents both schemas per operation.
+    handler.__annotations__ = {
+        "request": Request[Any, Any, Any],
+        "data": operation.request_type,
+        "return": operation.response_type,
+    }
+    handler.__name__ = f"operation_{operation.name}"
+    return post(
+        f"/operations/{operation.name}",
+        status_code=200,
+        summary=operation.summary,
+        operation_id=f"operation_{operation.name}",
+        tags=["operations"],
+        opt={"operation": operation.name, "body_type": operation.request_type},
+    )(handler)
+
+
+def unknown_operation_route(service: OperationService) -> HTTPRouteHandler:
+    """Any other ``/operations/{name}``: a 404 that lists what exists."""
+
+    @post("/operations/{name:str}", status_code=200, include_in_schema=False)
+    async def unknown_operation(name: str) -> None:
+        # Known operations have their own static route, which wins; this raises NotFoundError.
+        service.get(name)
+
+    return unknown_operation

@@ -1,0 +1,65 @@
+"""Request/response schemas of the system endpoints (operations bring their own)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+
+class LimitEntry(msgspec.Struct, kw_only=True):
+    operation: str
+    daily_limit: int
+    max_input_chars: int
+    max_output_tokens: int
+
+
+class LimitsResponse(msgspec.Struct, kw_only=True):
+    limits: list[LimitEntry]
+
+
+class LimitUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``PUT /limits`` body. A daily limit of 0 stops an operation until raised again."""
+
+    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    daily_limit: Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
+
+
+class UsageEntry(msgspec.Struct, kw_only=True):
+    operation: str
+    date: str
+    request_count: int
+    total_tokens: int
+    daily_limit: int
+    remaining: int
+
+
+class UsageResponse(msgspec.Struct, kw_only=True):
+    usage: list[UsageEntry]
+    generated_at: str
+
+
+class ModelHealth(msgspec.Struct, kw_only=True):
+    name: str
+    loaded: bool
+    path: str
+    provider: str | None
+    error: str | None = None
+
+
+class PluginHealth(msgspec.Struct, kw_only=True):
+    name: str
+    status: str
+    error: str | None = None
+
+
+class HealthResponse(msgspec.Struct, kw_only=True):
+    status: str
+    uptime_seconds: float
+    memory_used_mb: float
+    memory_total_mb: float
+    cpu_percent: float
+    process_rss_mb: float
+    models: list[ModelHealth]
+    failed_plugins: list[PluginHealth]
+    timestamp: str

@@ -1,0 +1,109 @@
+"""Request body decoding with the seed's 422 error format.
+
+msgspec validates; this module turns its messages into pydantic-style error
+entries (``type``/``loc``/``msg``/``input``) that clients of the original
+FastAPI service already parse.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+from litestar import Request
+
+from ai_platform.errors import RequestValidationError
+
+_PATH = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\[\.\.\.\]")
+_TYPE_NAMES = {
+    "str": ("string_type", "Input should be a valid string"),
+    "int": ("int_type", "Input should be a valid integer"),
+    "float": ("float_type", "Input should be a valid number"),
+    "bool": ("bool_type", "Input should be a valid boolean"),
+    "array": ("list_type", "Input should be a valid list"),
+    "object": ("dict_type", "Input should be a valid dictionary"),
+    "null": ("none_required", "Input should be None"),
+}
+_RULES: list[tuple[re.Pattern[str], Any]] = [
+    (re.compile(r"Object missing required field `(?P<f>[^`]+)`"), "missing"),
+    (re.compile(r"Object contains unknown field `(?P<f>[^`]+)`"), "extra"),
+    (re.compile(r"Expected `str` of length <= (?P<n>\d+)"), ("string_too_long", "String should have at most {n} character{s}")),
+    (re.compile(r"Expected `str` of length >= (?P<n>\d+)"), ("string_too_short", "String should have at least {n} character{s}")),
+    (re.compile(r"Expected `array` of length <= (?P<n>\d+)"), ("too_long", "List should have at most {n} item{s} after validation")),
+    (re.compile(r"Expected `array` of length >= (?P<n>\d+)"), ("too_short", "List should have at least {n} item{s} after validation")),
+    (re.compile(r"Expected `str` matching regex '(?P<p>.*)'"), ("string_pattern_mismatch", "String should match pattern '{p}'")),
+    (re.compile(r"Expected `(int|float)` >= (?P<n>[-\d.]+)"), ("greater_than_equal", "Input should be greater than or equal to {n}")),
+    (re.compile(r"Expected `(int|float)` > (?P<n>[-\d.]+)"), ("greater_than", "Input should be greater than {n}")),
+    (re.compile(r"Expected `(int|float)` <= (?P<n>[-\d.]+)"), ("less_than_equal", "Input should be less than or equal to {n}")),
+    (re.compile(r"Expected `(int|float)` < (?P<n>[-\d.]+)"), ("less_than", "Input should be less than {n}")),
+    (re.compile(r"Expected `(?P<t>\w+)(?: \| null)?`, got `\w+`"), "type"),
+]  # fmt: skip
+
+async def validate_body(request: Request[Any, Any, Any]) -> None:
+    """``before_request`` hook: validate the body against the handler's ``opt["body_type"]``.
+
+    It runs before Litestar decodes ``data`` so that every invalid body is
+    reported in the seed's format, malformed JSON included.
+    """
+    body_type = request.route_handler.opt.get("body_type")
+    if body_type is not None:
+        decode_body(await request.body(), body_type)
+
+
+def decode_body(body: bytes, target: type[Any]) -> Any:
+    """Decode and validate a JSON body into ``target`` or raise :class:`RequestValidationError`."""
+    try:
+        return msgspec.json.decode(body, type=target)
+    except msgspec.ValidationError as exc:
+        raise RequestValidationError([_entry(str(exc), body)]) from None
+    except msgspec.DecodeError as exc:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ["body"], "msg": f"Invalid JSON: {exc}", "input": None}]
+        ) from None
+
+
+def _entry(message: str, body: bytes) -> dict[str, Any]:
+    text, _, path = message.partition(" - at `$")
+    loc: list[str | int] = ["body"]
+    for name, index in _PATH.findall(path.rstrip("`")):
+        loc.append(name if name else int(index))
+    for pattern, kind in _RULES:
+        match = pattern.fullmatch(text)
+        if match is None:
+            continue
+        groups = match.groupdict()
+        if kind == "missing":
+            return {"type": "missing", "loc": [*loc, groups["f"]], "msg": "Field required", "input": None}
+        if kind == "extra":
+            field_loc = [*loc, groups["f"]]
+            return {
+                "type": "extra_forbidden",
+                "loc": field_loc,
+                "msg": "Extra inputs are not permitted",
+                "input": _value_at(body, field_loc),
+            }
+        if kind == "type":
+            type_name, msg = _TYPE_NAMES.get(groups["t"], ("type_error", f"Input should be a valid {groups['t']}"))
+            return {"type": type_name, "loc": loc, "msg": msg, "input": _value_at(body, loc)}
+        type_name, template = kind
+        n = groups.get("n", "")
+        msg = template.format(n=n, p=groups.get("p", ""), s="" if n == "1" else "s")
+        return {"type": type_name, "loc": loc, "msg": msg, "input": _value_at(body, loc)}
+    # Errors raised by a schema's own checks (``__post_init__``) carry no path.
+    return {"type": "value_error", "loc": loc, "msg": f"Value error, {text}", "input": _value_at(body, loc)}
+
+
+def _value_at(body: bytes, loc: list[str | int]) -> Any:
+    """The offending value, shortened so a huge input is not echoed back in full."""
+    try:
+        value: Any = msgspec.json.decode(body)
+        for part in loc[1:]:
+            value = value[part]
+    except (msgspec.DecodeError, KeyError, IndexError, TypeError):
+        return None
+    if isinstance(value, str) and len(value) > 100:
+        return value[:100] + "…"
+    if isinstance(value, dict | list) and len(msgspec.json.encode(value)) > 200:
+        return "…"
+    return value

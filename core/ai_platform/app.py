@@ -1,0 +1,147 @@
+"""The composition root: ``create_app(settings)`` wires every layer together.
+
+API (``api/``) → application (``services/operation_service.py``) →
+orchestration (``services/orchestration.py``) → runtime (``runtime/``) and
+usage (``usage/``). Nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from litestar import Litestar
+from litestar.config.app import AppConfig
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins import InitPluginProtocol
+
+from ai_platform import __version__
+from ai_platform.api.audit_middleware import AuditMiddleware
+from ai_platform.api.auth import API_KEY_HEADER, KeyRing, api_key_middleware
+from ai_platform.api.errors import EXCEPTION_HANDLERS
+from ai_platform.api.routes_operations import operation_route, unknown_operation_route
+from ai_platform.api.routes_system import health_route, limit_routes
+from ai_platform.api.validation import validate_body
+from ai_platform.errors import ConfigurationError
+from ai_platform.logging_config import logging_config
+from ai_platform.plugins import LoadedPlugins, load_plugins
+from ai_platform.services.operation_service import OperationService
+from ai_platform.services.orchestration import Engine, OrchestrationService
+from ai_platform.settings import Settings
+from ai_platform.usage.database import database
+from ai_platform.usage.limit_service import LimitService
+
+log = logging.getLogger(__name__)
+
+# Larger than any operation's input (8000 characters as \uXXXX escapes is 48 KB),
+# small enough that a client cannot make the server buffer much.
+MAX_BODY_BYTES = 256 * 1024
+
+
+class PlatformPlugin(InitPluginProtocol):
+    """Configures routes, security, errors, lifespan and OpenAPI on the Litestar app."""
+
+    def __init__(self, settings: Settings, plugins: LoadedPlugins, engine: Engine) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self.engine = engine
+        self.limits = LimitService(plugins.operations, default_daily_limit=settings.default_daily_limit)
+        self.service = OperationService(OrchestrationService(plugins.operations, engine, self.limits))
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        self._configure_routes(app_config)
+        self._configure_security(app_config)
+        self._configure_errors(app_config)
+        self._configure_lifespan(app_config)
+        self._configure_openapi(app_config)
+        return app_config
+
+    def _configure_routes(self, app_config: AppConfig) -> None:
+        app_config.route_handlers.extend(operation_route(op, self.service) for op in self.plugins.operations.values())
+        app_config.route_handlers.append(unknown_operation_route(self.service))
+        app_config.route_handlers.extend(limit_routes(self.limits))
+        app_config.route_handlers.append(health_route(self.engine, self.plugins.plugins))
+
+    def _configure_security(self, app_config: AppConfig) -> None:
+        keyring = KeyRing(self.settings.valid_api_keys, self.settings.admin_api_keys, self.settings.secret_key)
+        app_config.middleware.extend([AuditMiddleware(), api_key_middleware(keyring)])
+        app_config.request_max_body_size = MAX_BODY_BYTES
+
+    def _configure_errors(self, app_config: AppConfig) -> None:
+        app_config.exception_handlers.update(EXCEPTION_HANDLERS)
+        app_config.before_request = validate_body
+
+    def _configure_lifespan(self, app_config: AppConfig) -> None:
+        @asynccontextmanager
+        async def lifespan(_: Litestar) -> AsyncIterator[None]:
+            async with database(self.settings.database_url):
+                await self.engine.start()
+                try:
+                    log.info("%s serving operations: %s", self.settings.app_name, ", ".join(self.plugins.operations))
+                    yield
+                finally:
+                    await self.engine.close()
+
+        app_config.lifespan.append(lifespan)
+
+    def _configure_openapi(self, app_config: AppConfig) -> None:
+        app_config.openapi_config = OpenAPIConfig(
+            title=self.settings.app_name,
+            version=__version__,
+            description="Task operations over local language models. Every endpoint but /health needs X-API-Key.",
+            components=Components(
+                security_schemes={"ApiKey": SecurityScheme(type="apiKey", name=API_KEY_HEADER, security_scheme_in="header")}
+            ),
+            security=[{"ApiKey": []}],
+        )
+
+
+def resolve_models(settings: Settings, plugins: LoadedPlugins) -> dict[str, str]:
+    """Map each operation to its model folder; an operation with none is reported and dropped."""
+    models: dict[str, str] = {}
+    for name in list(plugins.operations):
+        model = settings.operation_model_map.get(name, settings.default_model)
+        if model is None:
+            message = f"no model for operation '{name}': add it to OPERATION_MODEL_MAP or set DEFAULT_MODEL"
+            if settings.strict_plugins:
+                raise ConfigurationError(message)
+            log.error("%s (operation disabled)", message)
+            del plugins.operations[name]
+            owner = next(p for p in plugins.plugins if name in p.operations)
+            owner.operations.remove(name)
+            owner.error = message
+            continue
+        models[name] = model
+    for name in settings.operation_model_map.keys() - plugins.operations.keys():
+        log.warning("OPERATION_MODEL_MAP names '%s', which is not an available operation", name)
+    return models
+
+
+def create_app(
+    settings: Settings,
+    *,
+    plugins: LoadedPlugins | None = None,
+    engine: Engine | None = None,
+    debug: bool = False,
+) -> Litestar:
+    """Build the app. Tests pass their own ``plugins`` and a fake ``engine``."""
+    if plugins is None:
+        plugins = load_plugins(
+            enabled=settings.enabled_plugins, disabled=settings.disabled_plugins, strict=settings.strict_plugins
+        )
+    models = resolve_models(settings, plugins)
+    if engine is None:
+        from ai_platform.runtime.engine import InferenceEngine  # heavy import: only when serving
+
+        engine = InferenceEngine(
+            settings.models_dir,
+            models,
+            execution_provider=settings.execution_provider,
+            max_queue=settings.max_queue_per_model,
+        )
+    return Litestar(
+        plugins=[PlatformPlugin(settings, plugins, engine)],
+        logging_config=logging_config(settings.log_level, settings.log_dir),
+        debug=debug,
+    )

@@ -1,0 +1,122 @@
+"""The ``ai-platform`` command: serve, inspect plugins, create a development ``.env``."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+from ai_platform.errors import ConfigurationError, PluginError
+from ai_platform.settings import Settings
+
+
+def app_factory() -> object:
+    """Build the app from the environment and ``.env`` (uvicorn calls this in each worker)."""
+    from ai_platform.app import create_app
+
+    return create_app(Settings.from_env())
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigurationError as exc:
+        sys.exit(f"ai-platform: invalid configuration: {exc}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    settings = _settings()
+    try:
+        app_factory()  # fail here, once, with a readable message rather than in every worker
+    except (ConfigurationError, PluginError) as exc:
+        sys.exit(f"ai-platform: cannot start: {exc}")
+    uvicorn.run(
+        "ai_platform.cli:app_factory",
+        factory=True,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        workers=args.workers,
+        log_config=None,  # the app configures logging itself
+        proxy_headers=True,
+        forwarded_allow_ips="127.0.0.1",
+        server_header=False,
+    )
+
+
+def cmd_plugins(args: argparse.Namespace) -> None:
+    from ai_platform.plugins import load_plugins
+
+    settings = _settings()
+    try:
+        loaded = load_plugins(
+            enabled=settings.enabled_plugins, disabled=settings.disabled_plugins, strict=settings.strict_plugins
+        )
+    except PluginError as exc:
+        sys.exit(f"ai-platform: {exc}")
+    rows = [("NAME", "VERSION", "STATUS", "OPERATIONS", "ERROR")]
+    for p in loaded.plugins:
+        rows.append((p.name, p.version or "-", p.status, ",".join(p.operations) or "-", p.error or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+
+
+def cmd_init_env(args: argparse.Namespace) -> None:
+    path = Path(args.path)
+    if path.exists():
+        print(f"{path} exists; leaving it as it is")
+        return
+    client, admin = f"dev-client-{secrets.token_urlsafe(24)}", f"dev-admin-{secrets.token_urlsafe(24)}"
+    model = args.model
+    path.write_text(
+        "# Development settings written by `ai-platform init-env` (see .env.example for every setting).\n"
+        f"SECRET_KEY={secrets.token_urlsafe(48)}\n"
+        f'VALID_API_KEYS=["{client}"]\n'
+        f'ADMIN_API_KEYS=["{admin}"]\n'
+        f'OPERATION_MODEL_MAP={{"summarize":"{model}","translate":"{model}","classify":"{model}"}}\n'
+        f"DEFAULT_MODEL={model}\n"
+    )
+    path.chmod(0o600)
+    print(f"wrote {path} with new development keys")
+
+
+def cmd_keys(args: argparse.Namespace) -> None:
+    values = dotenv_values(args.path)
+    print(f"API keys (from {args.path}):")
+    for name in ("VALID_API_KEYS", "ADMIN_API_KEYS"):
+        print(f"  {name}={values.get(name, '')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ai-platform", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the HTTP API (settings from the environment and .env)")
+    serve.add_argument("--host", help="bind address (default: HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: PORT or 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    serve.set_defaults(func=cmd_serve)
+
+    plugins = sub.add_parser("plugins", help="list operation plugins and their status")
+    plugins.set_defaults(func=cmd_plugins)
+
+    init_env = sub.add_parser("init-env", help="write a development .env with generated keys")
+    init_env.add_argument("--path", default=".env")
+    init_env.add_argument("--model", required=True, help="model folder (under MODELS_DIR) for every operation")
+    init_env.set_defaults(func=cmd_init_env)
+
+    keys = sub.add_parser("keys", help="print the API keys configured in a .env file")
+    keys.add_argument("--path", default=".env")
+    keys.set_defaults(func=cmd_keys)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The platform's error hierarchy.
+
+Every error a client can cause, or that the platform reports on purpose,
+is a subclass of :class:`PlatformError` with its HTTP status code. The API
+layer maps them to the seed's wire format in one place
+(``ai_platform.api.errors``); nothing else turns exceptions into responses.
+"""
+
+from __future__ import annotations
+
+
+class PlatformError(Exception):
+    """Base class: ``status_code`` and a client-safe ``detail`` message."""
+
+    status_code: int = 500
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class AuthenticationError(PlatformError):
+    """Missing, unknown or insufficient API key."""
+
+    status_code = 403
+
+    def __init__(self, detail: str = "Invalid or missing API key.") -> None:
+        super().__init__(detail)
+
+
+class NotFoundError(PlatformError):
+    status_code = 404
+
+
+class RequestValidationError(PlatformError):
+    """A request that does not match its schema; rendered as the seed's 422 body."""
+
+    status_code = 422
+
+    def __init__(self, errors: list[dict[str, object]]) -> None:
+        super().__init__("Request validation failed.")
+        self.errors = errors
+
+
+class LimitExceededError(PlatformError):
+    """A daily limit is used up."""
+
+    status_code = 429
+
+
+class ServiceUnavailableError(PlatformError):
+    """The platform cannot serve this right now; the client may retry later."""
+
+    status_code = 503
+
+    def __init__(self, detail: str, *, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class ModelUnavailableError(ServiceUnavailableError):
+    """The operation's model is not loaded (missing, corrupt or failed to load)."""
+
+    def __init__(self, detail: str, *, retry_after: int = 30) -> None:
+        super().__init__(detail, retry_after=retry_after)
+
+
+class OverloadedError(ServiceUnavailableError):
+    """The model's queue is full."""
+
+
+class OperationError(PlatformError):
+    """A plugin could not turn model output into a response (a bug or a model failure)."""
+
+    status_code = 502
+
+
+class ConfigurationError(Exception):
+    """Invalid settings; stops startup. The message names the offending setting."""
+
+
+class PluginError(Exception):
+    """A plugin failed to load, register or validate. The message names the plugin."""

@@ -1,0 +1,157 @@
+"""What an operation is: the spec a plugin returns from ``register_operations``.
+
+An operation is pure data plus two functions: ``prompt`` turns a validated
+request into a model call (:class:`Generate` or :class:`Choose`), and
+``respond`` turns the model's result into the response struct. The core owns
+everything else (HTTP, auth, limits, usage, timing, the ``meta`` block).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Generic, TypeVar
+
+import msgspec
+
+Req = TypeVar("Req", bound=msgspec.Struct)
+Resp = TypeVar("Resp", bound=msgspec.Struct)
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+RequestId = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$", description="Client's id, echoed in meta."
+    ),
+]
+"""A client-chosen request id: 1-128 printable ASCII characters, echoed in ``meta.request_id``."""
+
+LanguageCode = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=2, max_length=35, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$", examples=["en", "ar", "fr"]
+    ),
+]
+"""A BCP 47 language tag such as ``en``, ``ar`` or ``pt-BR``."""
+
+
+class ResponseMeta(msgspec.Struct, kw_only=True):
+    """The ``meta`` block every operation response carries (filled in by the core)."""
+
+    operation: str
+    model_used: str
+    input_chars: int
+    output_tokens: int
+    execution_time_ms: float
+    request_id: str | None
+    timestamp: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Per-operation limits, enforced before any model work.
+
+    ``daily_limit`` is the default number of requests per day; ``None`` means
+    the ``DEFAULT_DAILY_LIMIT`` setting. Admins override it with ``PUT /limits``.
+    """
+
+    max_input_chars: int
+    max_output_tokens: int
+    daily_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message; rendered with the model's own chat template."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Generate:
+    """Model call: greedy generation from a chat prompt.
+
+    ``max_output_tokens`` may lower the operation's limit for this request,
+    never raise it.
+    """
+
+    messages: Sequence[Message]
+    max_output_tokens: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choose:
+    """Model call: score each option by the model's likelihood of answering exactly it."""
+
+    messages: Sequence[Message]
+    options: Sequence[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Completion:
+    """Result of :class:`Generate`."""
+
+    text: str
+    output_tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (token limit)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choice:
+    """Result of :class:`Choose`: probabilities over the options, summing to 1."""
+
+    scores: dict[str, float]
+    output_tokens: int
+
+    @property
+    def best(self) -> str:
+        return max(self.scores, key=self.scores.__getitem__)
+
+
+ModelCall = Generate | Choose
+ModelResult = Completion | Choice
+
+
+def _request_text(request: Any) -> str:
+    return str(request.text)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Operation(Generic[Req, Resp]):
+    """A task served at ``POST /operations/{name}``.
+
+    ``request_type``/``response_type`` are ``msgspec.Struct`` classes: they are
+    the validation and the OpenAPI schema at once. ``response_type`` must have
+    a ``meta: ResponseMeta`` field. ``input_text`` picks the text whose length
+    counts as ``input_chars`` (default: the request's ``text`` field).
+    """
+
+    name: str
+    summary: str
+    request_type: type[Req]
+    response_type: type[Resp]
+    limits: Limits
+    prompt: Callable[[Req], ModelCall]
+    respond: Callable[[Req, Any, ResponseMeta], Resp]
+    input_text: Callable[[Req], str] = field(default=_request_text)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first problem with this spec."""
+        if not NAME_PATTERN.match(self.name):
+            raise ValueError(f"operation name {self.name!r} must match {NAME_PATTERN.pattern}")
+        for label, kind in (("request_type", self.request_type), ("response_type", self.response_type)):
+            if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
+                raise ValueError(f"operation {self.name!r}: {label} must be a msgspec.Struct subclass")
+        fields = {f.name: f for f in msgspec.structs.fields(self.response_type)}
+        if "meta" not in fields or fields["meta"].type is not ResponseMeta:
+            raise ValueError(f"operation {self.name!r}: response_type needs a field 'meta: ResponseMeta'")
+        for label in ("max_input_chars", "max_output_tokens", "daily_limit"):
+            value = getattr(self.limits, label)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"operation {self.name!r}: limit {label} must be a positive integer")
+        for label in ("prompt", "respond", "input_text"):
+            if not callable(getattr(self, label)):
+                raise ValueError(f"operation {self.name!r}: {label} must be callable")

@@ -1,0 +1,187 @@
+"""Plugin loading: the only module that talks to pluggy's plugin manager.
+
+Operation plugins are found through the ``ai_platform.operations`` entry-point
+group (built-ins use the same door as third-party packages). A plugin that
+fails to import, register or validate is logged, skipped and reported in
+``/health`` and ``ai-platform plugins``; with ``STRICT_PLUGINS`` it stops
+startup instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Literal
+
+import pluggy
+
+from ai_platform import hookspecs
+from ai_platform.errors import PluginError
+from ai_platform.operations import Operation
+
+ENTRY_POINT_GROUP = "ai_platform.operations"
+
+log = logging.getLogger(__name__)
+
+PluginStatus = Literal["loaded", "disabled", "failed"]
+
+
+@dataclass
+class PluginInfo:
+    """What ``ai-platform plugins`` and ``/health`` report about one plugin."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    status: PluginStatus
+    operations: list[str] = field(default_factory=list)
+    hooks: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class LoadedPlugins:
+    """The result of loading: the manager, per-plugin reports and the valid operations by name."""
+
+    manager: pluggy.PluginManager
+    plugins: list[PluginInfo]
+    operations: dict[str, Operation]  # type: ignore[type-arg]
+
+    @property
+    def failed(self) -> list[PluginInfo]:
+        return [p for p in self.plugins if p.status == "failed"]
+
+
+def new_plugin_manager() -> pluggy.PluginManager:
+    """A fresh manager with the platform's hookspecs (one per app, never module-global)."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def load_plugins(
+    *,
+    enabled: Sequence[str] | None = None,
+    disabled: Sequence[str] = (),
+    strict: bool = False,
+    extra_plugins: Iterable[tuple[str, object]] = (),
+    use_entry_points: bool = True,
+) -> LoadedPlugins:
+    """Load, register and validate operation plugins.
+
+    ``enabled`` (``None`` = all) and ``disabled`` filter by plugin name, which is
+    the entry-point name. ``extra_plugins`` are ``(name, module_or_object)``
+    pairs registered in-process, as tests do.
+    """
+    pm = new_plugin_manager()
+    loader = _Loader(pm, strict=strict)
+    candidates: list[tuple[str, EntryPoint | object]] = []
+    if use_entry_points:
+        candidates.extend((ep.name, ep) for ep in entry_points(group=ENTRY_POINT_GROUP))
+    candidates.extend(extra_plugins)
+
+    for name, source in candidates:
+        if (enabled is not None and name not in enabled) or name in disabled:
+            pm.set_blocked(name)
+            loader.report(name, source, "disabled")
+            continue
+        loader.register(name, source)
+    loader.check_pending()
+    loader.collect_operations()
+    return LoadedPlugins(manager=pm, plugins=loader.infos, operations=loader.operations)
+
+
+class _Loader:
+    def __init__(self, pm: pluggy.PluginManager, *, strict: bool) -> None:
+        self.pm = pm
+        self.strict = strict
+        self.infos: list[PluginInfo] = []
+        self.operations: dict[str, Operation] = {}  # type: ignore[type-arg]
+        self._by_name: dict[str, PluginInfo] = {}
+
+    def report(self, name: str, source: object, status: PluginStatus, error: str | None = None) -> PluginInfo:
+        dist = source.dist if isinstance(source, EntryPoint) else None
+        info = PluginInfo(
+            name=name,
+            distribution=dist.name if dist else None,
+            version=dist.version if dist else None,
+            status=status,
+            error=error,
+        )
+        self.infos.append(info)
+        self._by_name[name] = info
+        return info
+
+    def fail(self, info: PluginInfo, error: str) -> None:
+        message = f"plugin {info.name!r} failed: {error}"
+        if self.strict:
+            raise PluginError(message)
+        log.error("%s (skipped; set STRICT_PLUGINS=true to make this fatal)", message)
+        info.status, info.error, info.operations = "failed", error, []
+        if self.pm.get_plugin(info.name) is not None:
+            self.pm.unregister(name=info.name)
+
+    def register(self, name: str, source: EntryPoint | object) -> None:
+        info = self.report(name, source, "loaded")
+        if name in [p.name for p in self.infos[:-1]]:
+            self.fail(info, "another plugin is already registered under this name")
+            return
+        try:
+            plugin = source.load() if isinstance(source, EntryPoint) else source
+            self.pm.register(plugin, name=name)
+        except Exception as exc:
+            self.fail(info, f"{type(exc).__name__}: {exc}")
+            return
+        info.hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
+
+    def check_pending(self) -> None:
+        """Hooks a plugin implements that no spec declares (typos) make that plugin fail."""
+        while True:
+            try:
+                self.pm.check_pending()
+                return
+            except pluggy.PluginValidationError as exc:
+                name = self.pm.get_name(exc.plugin)
+                if name is None:  # not one of ours: nothing to isolate
+                    raise
+                self.fail(self._by_name[name], str(exc))
+
+    def collect_operations(self) -> None:
+        # Each implementation is called on its own so that one failing plugin
+        # is attributed and isolated instead of breaking the whole hook call.
+        for impl in self.pm.hook.register_operations.get_hookimpls():
+            info = self._by_name[impl.plugin_name]
+            try:
+                operations = list(impl.function())
+                for op in operations:
+                    if not isinstance(op, Operation):
+                        raise ValueError(f"register_operations returned {type(op).__name__}, not Operation")
+                    op.validate()
+                    if op.name in self.operations or op.name in [o.name for o in operations if o is not op]:
+                        owner = next(
+                            (p.name for p in self.infos if op.name in p.operations), impl.plugin_name
+                        )
+                        raise ValueError(f"operation {op.name!r} is already provided by plugin {owner!r}")
+            except Exception as exc:
+                self.fail(info, f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
+                continue
+            info.operations = [op.name for op in operations]
+            self.operations.update((op.name, op) for op in operations)
+
+
+def describe(plugins: Sequence[PluginInfo]) -> list[dict[str, Any]]:
+    """Plugin reports as plain data (for JSON and the CLI)."""
+    return [
+        {
+            "name": p.name,
+            "distribution": p.distribution,
+            "version": p.version,
+            "status": p.status,
+            "operations": p.operations,
+            "hooks": p.hooks,
+            "error": p.error,
+        }
+        for p in plugins
+    ]

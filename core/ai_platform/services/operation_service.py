@@ -1,0 +1,34 @@
+"""Application layer: the entry point routes call to execute an operation.
+
+A thin façade over orchestration, kept so that cross-cutting concerns
+(hooks around execution, tracing) have one place to go without touching
+routes or orchestration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ai_platform.errors import NotFoundError
+from ai_platform.operations import Operation
+from ai_platform.services.orchestration import OrchestrationService
+
+
+class OperationService:
+    def __init__(self, orchestration: OrchestrationService) -> None:
+        self._orchestration = orchestration
+
+    @property
+    def operations(self) -> dict[str, Operation]:  # type: ignore[type-arg]
+        return dict(self._orchestration.operations)
+
+    def get(self, name: str) -> Operation:  # type: ignore[type-arg]
+        try:
+            return self._orchestration.operations[name]
+        except KeyError:
+            available = ", ".join(sorted(self._orchestration.operations)) or "none"
+            raise NotFoundError(f"Unknown operation '{name}'. Available operations: {available}.") from None
+
+    async def execute(self, name: str, request: Any) -> tuple[Any, int]:
+        """Run operation ``name`` on a validated request; return ``(response, output_tokens)``."""
+        return await self._orchestration.run(self.get(name), request)

@@ -1,0 +1,125 @@
+"""Orchestration layer: model selection, limit enforcement, centralized error handling.
+
+One request flows: input limits (before any model work) → atomic admission
+against the daily limit → the plugin's prompt → the runtime → the plugin's
+response. A request is counted once if and only if it returns a response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import msgspec
+
+from ai_platform.errors import OperationError, PlatformError, RequestValidationError
+from ai_platform.operations import Choice, Choose, Completion, Generate, Operation, ResponseMeta
+from ai_platform.usage.limit_service import LimitService
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """What the platform needs from the runtime (``ai_platform.runtime.engine.InferenceEngine``)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def status(self) -> Sequence[Any]: ...
+
+    def model_name(self, operation: str) -> str: ...
+
+    async def generate(self, operation: str, call: Generate, *, max_output_tokens: int) -> Completion: ...
+
+    async def choose(self, operation: str, call: Choose) -> Choice: ...
+
+
+def iso_timestamp(moment: datetime) -> str:
+    """ISO 8601 in UTC with milliseconds and a ``Z``, as in the seed (``2025-01-15T10:30:00.000Z``)."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class OrchestrationService:
+    def __init__(
+        self,
+        operations: Mapping[str, Operation],  # type: ignore[type-arg]
+        engine: Engine,
+        limits: LimitService,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.operations = operations
+        self.engine = engine
+        self.limits = limits
+        self._clock = clock
+
+    async def run(self, operation: Operation, request: Any) -> tuple[Any, int]:  # type: ignore[type-arg]
+        """Execute one validated request; return ``(response, output_tokens)``."""
+        started = time.perf_counter()
+        input_text = operation.input_text(request)
+        self._check_input(operation, input_text)
+        call = operation.prompt(request)
+        reservation = await self.limits.admit(operation.name)
+        try:
+            result = await self._call_model(operation, call)
+            meta = ResponseMeta(
+                operation=operation.name,
+                model_used=self.engine.model_name(operation.name),
+                input_chars=len(input_text),
+                output_tokens=result.output_tokens,
+                execution_time_ms=round((time.perf_counter() - started) * 1000, 1),
+                request_id=getattr(request, "request_id", None),
+                timestamp=iso_timestamp(self._clock()),
+            )
+            response = self._respond(operation, request, result, meta)
+        except BaseException:
+            # Failed, cancelled (client gone) or timed out: not a served request.
+            await self.limits.release(reservation)
+            raise
+        await self.limits.commit(reservation, tokens=result.output_tokens)
+        return response, result.output_tokens
+
+    @staticmethod
+    def _check_input(operation: Operation, text: str) -> None:  # type: ignore[type-arg]
+        # The request schema normally enforces this already; this is the guarantee
+        # for plugins whose schema does not.
+        limit = operation.limits.max_input_chars
+        if len(text) > limit:
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "string_too_long",
+                        "loc": ["body", "text"],
+                        "msg": f"String should have at most {limit} characters",
+                        "input": text[:100] + "…",
+                    }
+                ]
+            )
+
+    async def _call_model(self, operation: Operation, call: Generate | Choose) -> Completion | Choice:  # type: ignore[type-arg]
+        if isinstance(call, Generate):
+            limit = operation.limits.max_output_tokens
+            wanted = min(call.max_output_tokens or limit, limit)
+            return await self.engine.generate(operation.name, call, max_output_tokens=wanted)
+        if isinstance(call, Choose):
+            return await self.engine.choose(operation.name, call)
+        raise OperationError(f"Operation '{operation.name}' built an unsupported model call.")
+
+    @staticmethod
+    def _respond(operation: Operation, request: Any, result: Completion | Choice, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
+        try:
+            response = operation.respond(request, result, meta)
+            if not isinstance(response, operation.response_type):
+                raise TypeError(f"respond returned {type(response).__name__}")
+            # Re-validate so a plugin bug surfaces here, named, instead of as a broken body.
+            msgspec.convert(msgspec.to_builtins(response), operation.response_type)
+        except PlatformError:
+            raise
+        except Exception as exc:
+            log.exception("operation %r could not build its response", operation.name)
+            raise OperationError(f"Operation '{operation.name}' could not build a response.") from exc
+        return response

@@ -1,0 +1,130 @@
+"""Settings: one typed object read once from the environment and ``.env``.
+
+Environment variables win over the ``.env`` file. List settings accept a JSON
+list (the seed's ``VALID_API_KEYS=["a","b"]``) or a comma-separated string.
+Invalid values raise :class:`ConfigurationError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from dotenv import dotenv_values
+
+from ai_platform.errors import ConfigurationError
+
+SEED_OPERATION_MODEL_MAP = {
+    "summarize": "qwen-summarize",
+    "translate": "qwen-translate",
+    "classify": "qwen-classify",
+}
+
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """All configuration. Field ``foo_bar`` is read from the variable ``FOO_BAR``."""
+
+    app_name: str = "AI Platform"
+    secret_key: Annotated[str, msgspec.Meta(min_length=16)]
+    valid_api_keys: Annotated[list[NonEmptyStr], msgspec.Meta(min_length=1)]
+    admin_api_keys: list[NonEmptyStr] = msgspec.field(default_factory=list)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_dir: Path = Path("logs")
+    default_daily_limit: PositiveInt = 1000
+    operation_model_map: dict[str, NonEmptyStr] = msgspec.field(
+        default_factory=lambda: dict(SEED_OPERATION_MODEL_MAP)
+    )
+    default_model: NonEmptyStr | None = None
+    models_dir: Path = Path("models")
+    database_url: NonEmptyStr = "sqlite://data/ai_platform.sqlite3"
+    enabled_plugins: list[NonEmptyStr] | None = None
+    disabled_plugins: list[NonEmptyStr] = msgspec.field(default_factory=list)
+    strict_plugins: bool = False
+    execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
+    max_queue_per_model: PositiveInt = 32
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env"
+    ) -> Settings:
+        """Read settings from ``environ`` (default ``os.environ``) over ``env_file``."""
+        values: dict[str, str] = {}
+        if env_file is not None and Path(env_file).is_file():
+            values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        values.update(os.environ if environ is None else environ)
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, str]) -> Settings:
+        """Build settings from variable names to raw string values (unknown names are ignored)."""
+        raw: dict[str, Any] = {}
+        for field in msgspec.structs.fields(cls):
+            name = field.name.upper()
+            if name in values:
+                raw[field.name] = _parse(name, values[name], field.type)
+        try:
+            return msgspec.convert(raw, cls, strict=False, dec_hook=_decode_path)
+        except msgspec.ValidationError as exc:
+            raise ConfigurationError(_name_setting(str(exc))) from None
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with every secret masked, safe to log."""
+        data = msgspec.to_builtins(self, enc_hook=str)
+        for key in ("secret_key", "valid_api_keys", "admin_api_keys"):
+            data[key] = "***" if isinstance(data[key], str) else [f"*** ({len(data[key])} keys)"]
+        return {k.upper(): v for k, v in data.items()}
+
+    def __repr__(self) -> str:
+        return f"Settings({self.redacted()!r})"
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelNamesMapping()[self.log_level]
+
+
+def _decode_path(kind: type, value: Any) -> Any:
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    raise NotImplementedError
+
+
+def _is_collection(annotation: Any) -> bool:
+    text = repr(annotation)
+    return text.startswith(("list[", "dict[")) or "list[" in text.split("|")[0]
+
+
+def _parse(name: str, value: str, annotation: Any) -> Any:
+    """Decode JSON for list/dict settings; leave scalars for msgspec's lax conversion."""
+    if not _is_collection(annotation):
+        return value
+    text = value.strip()
+    if text.startswith(("[", "{")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(f"{name}: not valid JSON ({exc.msg})") from None
+    if "dict[" in repr(annotation):
+        raise ConfigurationError(f"{name}: expected a JSON object")
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _name_setting(message: str) -> str:
+    """Turn msgspec's ``... - at `$.valid_api_keys` `` into ``VALID_API_KEYS: ...``."""
+    if " - at `$." in message:
+        text, _, path = message.partition(" - at `$.")
+        field = path.rstrip("`").split("[")[0].split(".")[0]
+        return f"{field.upper()}: {text}"
+    if message.startswith("Object missing required field `"):
+        field = message.split("`")[1]
+        return f"{field.upper()}: required setting is missing"
+    return message

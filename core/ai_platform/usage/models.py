@@ -1,0 +1,54 @@
+"""Database tables (Tortoise ORM)."""
+
+from __future__ import annotations
+
+from tortoise import fields
+from tortoise.models import Model
+
+
+class DailyUsage(Model):
+    """Requests and tokens per operation per (UTC) day.
+
+    ``request_count`` is reserved atomically before model work and released if
+    the request fails, so it counts exactly the requests that succeeded plus
+    the ones in flight.
+    """
+
+    id = fields.IntField(primary_key=True)
+    operation = fields.CharField(max_length=64)
+    day = fields.DateField()
+    request_count = fields.IntField(default=0)
+    total_tokens = fields.BigIntField(default=0)
+
+    class Meta:
+        table = "daily_usage"
+        unique_together = (("operation", "day"),)
+
+
+class OperationLimit(Model):
+    """An admin's override of an operation's daily limit (``PUT /limits``)."""
+
+    operation = fields.CharField(max_length=64, primary_key=True)
+    daily_limit = fields.IntField()
+    updated_at = fields.DatetimeField(auto_now=True)
+
+    class Meta:
+        table = "operation_limit"
+
+
+class AuditRecord(Model):
+    """One row per API request: who (key id, never the key), what, outcome, cost."""
+
+    id = fields.BigIntField(primary_key=True)
+    timestamp = fields.DatetimeField(db_index=True)
+    request_id = fields.CharField(max_length=128, null=True)
+    method = fields.CharField(max_length=8)
+    path = fields.CharField(max_length=256)
+    operation = fields.CharField(max_length=64, null=True)
+    key_id = fields.CharField(max_length=16, null=True)
+    status = fields.SmallIntField()
+    duration_ms = fields.FloatField()
+    output_tokens = fields.IntField(default=0)
+
+    class Meta:
+        table = "audit_record"

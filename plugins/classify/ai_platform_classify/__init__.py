@@ -1,0 +1,74 @@
+"""The ``classify`` operation: pick one of the caller's categories.
+
+Categories are scored by the model's likelihood of answering exactly that
+label, so ``label`` is always one of ``categories`` (no free-text parsing),
+``scores`` is a probability distribution over them and
+``confidence == scores[label]``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from ai_platform import Choice, Choose, Limits, Message, Operation, RequestId, ResponseMeta, hookimpl
+
+MAX_INPUT_CHARS = 2000
+MAX_OUTPUT_TOKENS = 64
+MAX_CATEGORIES = 50
+
+Category = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=r"\S")]
+
+
+class ClassifyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_INPUT_CHARS)]
+    categories: Annotated[list[Category], msgspec.Meta(min_length=2, max_length=MAX_CATEGORIES)]
+    request_id: RequestId | None = None
+
+    def __post_init__(self) -> None:
+        if len(set(self.categories)) != len(self.categories):
+            raise ValueError("categories must be unique")
+
+
+class ClassifyResponse(msgspec.Struct, kw_only=True):
+    label: str
+    confidence: float
+    scores: dict[str, float]
+    meta: ResponseMeta
+
+
+def prompt(request: ClassifyRequest) -> Choose:
+    listing = "\n".join(f"- {c}" for c in request.categories)
+    return Choose(
+        messages=[
+            Message(
+                "system",
+                "You are a text classifier. Answer with exactly one category name from the list, "
+                "and nothing else.",
+            ),
+            Message("user", f"Categories:\n{listing}\n\nText:\n{request.text}\n\nWhich category fits best?"),
+        ],
+        options=request.categories,
+    )
+
+
+def respond(request: ClassifyRequest, result: Choice, meta: ResponseMeta) -> ClassifyResponse:
+    label = result.best
+    return ClassifyResponse(label=label, confidence=result.scores[label], scores=result.scores, meta=meta)
+
+
+OPERATION = Operation(
+    name="classify",
+    summary="Classify text into exactly one of the given categories, with a score for each.",
+    request_type=ClassifyRequest,
+    response_type=ClassifyResponse,
+    limits=Limits(max_input_chars=MAX_INPUT_CHARS, max_output_tokens=MAX_OUTPUT_TOKENS),
+    prompt=prompt,
+    respond=respond,
+)
+
+
+@hookimpl
+def register_operations() -> list[Operation]:  # type: ignore[type-arg]
+    return [OPERATION]

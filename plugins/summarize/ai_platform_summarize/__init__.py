@@ -1,0 +1,86 @@
+"""The ``summarize`` operation: a summary of at most ``max_sentences`` sentences."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import msgspec
+
+from ai_platform import (
+    Completion,
+    Generate,
+    LanguageCode,
+    Limits,
+    Message,
+    Operation,
+    RequestId,
+    ResponseMeta,
+    hookimpl,
+)
+from ai_platform.languages import language_name
+
+MAX_INPUT_CHARS = 8000
+MAX_OUTPUT_TOKENS = 512
+
+# A sentence ends at . ! ? (or their CJK/Arabic forms) followed by whitespace or the end.
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？؟])\s+")
+
+
+class SummarizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_INPUT_CHARS)]
+    max_sentences: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    language: LanguageCode = "en"
+    request_id: RequestId | None = None
+
+
+class SummarizeResponse(msgspec.Struct, kw_only=True):
+    summary: str
+    sentence_count: int
+    meta: ResponseMeta
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split text into sentences (line breaks also end a sentence)."""
+    parts = (p.strip() for line in text.splitlines() for p in _SENTENCE_END.split(line))
+    return [p for p in parts if p]
+
+
+def prompt(request: SummarizeRequest) -> Generate:
+    n = request.max_sentences
+    return Generate(
+        messages=[
+            Message(
+                "system",
+                "You are a precise assistant that writes faithful, concise summaries. "
+                "Reply with the summary only.",
+            ),
+            Message(
+                "user",
+                f"Summarize the following text in {language_name(request.language)}, "
+                f"in at most {n} sentence{'s' if n > 1 else ''}.\n\nText:\n{request.text}",
+            ),
+        ]
+    )
+
+
+def respond(request: SummarizeRequest, result: Completion, meta: ResponseMeta) -> SummarizeResponse:
+    # The model may overrun the requested length; the contract is "at most".
+    sentences = split_sentences(result.text)[: request.max_sentences]
+    return SummarizeResponse(summary=" ".join(sentences), sentence_count=len(sentences), meta=meta)
+
+
+OPERATION = Operation(
+    name="summarize",
+    summary="Summarize text in at most max_sentences sentences.",
+    request_type=SummarizeRequest,
+    response_type=SummarizeResponse,
+    limits=Limits(max_input_chars=MAX_INPUT_CHARS, max_output_tokens=MAX_OUTPUT_TOKENS),
+    prompt=prompt,
+    respond=respond,
+)
+
+
+@hookimpl
+def register_operations() -> list[Operation]:  # type: ignore[type-arg]
+    return [OPERATION]
