@@ -66,7 +66,6 @@ class PlatformPlugin(InitPluginProtocol):
     def _configure_security(self, app_config: AppConfig) -> None:
         keyring = KeyRing(self.settings.valid_api_keys, self.settings.admin_api_keys, self.settings.secret_key)
         app_config.middleware.extend([AuditMiddleware(), api_key_middleware(keyring)])
-        app_config.request_max_body_size = MAX_BODY_BYTES
 
     def _configure_errors(self, app_config: AppConfig) -> None:
         app_config.exception_handlers.update(EXCEPTION_HANDLERS)
@@ -143,5 +142,6 @@ def create_app(
     return Litestar(
         plugins=[PlatformPlugin(settings, plugins, engine)],
         logging_config=logging_config(settings.log_level, settings.log_dir),
+        request_max_body_size=MAX_BODY_BYTES,
         debug=debug,
     )

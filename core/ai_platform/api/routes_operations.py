@@ -6,6 +6,7 @@ from typing import Any
 
 from litestar import Request, post
 from litestar.handlers import HTTPRouteHandler
+from litestar.params import FromPath, JSONBody
 
 from ai_platform.operations import Operation
 from ai_platform.services.operation_service import OperationService
@@ -24,7 +25,7 @@ def operation_route(operation: Operation, service: OperationService) -> HTTPRout
     # body and documents both schemas per operation.
     handler.__annotations__ = {
         "request": Request[Any, Any, Any],
-        "data": operation.request_type,
+        "data": JSONBody[operation.request_type],  # type: ignore[name-defined]
         "return": operation.response_type,
     }
     handler.__name__ = f"operation_{operation.name}"
@@ -42,7 +43,7 @@ def unknown_operation_route(service: OperationService) -> HTTPRouteHandler:
     """Any other ``/operations/{name}``: a 404 that lists what exists."""
 
     @post("/operations/{name:str}", status_code=200, include_in_schema=False)
-    async def unknown_operation(name: str) -> None:
+    async def unknown_operation(name: FromPath[str]) -> None:
         # Known operations have their own static route, which wins; this raises NotFoundError.
         service.get(name)
 

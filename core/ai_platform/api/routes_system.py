@@ -10,6 +10,7 @@ from typing import Any
 import psutil
 from litestar import get, put
 from litestar.handlers import HTTPRouteHandler
+from litestar.params import JSONBody
 
 from ai_platform.api.auth import admin_only
 from ai_platform.api.schemas import (
@@ -51,7 +52,7 @@ def limit_routes(limits: LimitService) -> list[HTTPRouteHandler]:
         guards=[admin_only],
         opt={"body_type": LimitUpdate},
     )
-    async def put_limits(data: LimitUpdate) -> LimitEntry:
+    async def put_limits(data: JSONBody[LimitUpdate]) -> LimitEntry:
         known = [i.operation for i in await limits.limits()]
         if data.operation not in known:
             raise RequestValidationError(

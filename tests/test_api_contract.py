@@ -1,0 +1,376 @@
+"""The seed's HTTP contract: paths, fields, status codes and error bodies, through the real app.
+
+The model is faked (tests/fakes.py); usage runs on a real SQLite database.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from ai_platform.app import create_app
+from ai_platform.settings import Settings
+from conftest import ADMIN_KEY, CLIENT_KEY
+from fakes import FakeEngine
+
+pytestmark = pytest.mark.anyio
+
+KEY = {"X-API-Key": CLIENT_KEY}
+ADMIN = {"X-API-Key": ADMIN_KEY}
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+SEED_MODELS = {"summarize": "qwen-summarize", "translate": "qwen-translate", "classify": "qwen-classify"}
+
+SUMMARIZE = {
+    "text": "Artificial intelligence is transforming industries worldwide. Machine learning models can now "
+    "recognize images, translate languages, and generate human-like text with unprecedented accuracy. "
+    "Organizations are investing billions of dollars in AI research and deployment, expecting significant "
+    "productivity gains.",
+    "max_sentences": 2,
+    "language": "en",
+    "request_id": "req-001",
+}
+TRANSLATE = {
+    "text": "The quarterly earnings report exceeded all analyst expectations.",
+    "source_language": "en",
+    "target_language": "ar",
+    "request_id": "req-002",
+}
+CLASSIFY = {
+    "text": "My internet connection keeps dropping and the router shows a red light.",
+    "categories": ["billing", "technical_support", "sales", "general_inquiry"],
+    "request_id": "req-003",
+}
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine(models=dict(SEED_MODELS))
+
+
+@pytest.fixture
+async def client(env: dict[str, str], engine: FakeEngine) -> AsyncIterator[AsyncTestClient]:  # type: ignore[type-arg]
+    app = create_app(Settings.from_mapping(env), engine=engine)
+    async with AsyncTestClient(app) as client:
+        yield client
+
+
+def assert_meta(meta: dict[str, object], operation: str, request: dict[str, object]) -> None:
+    assert set(meta) == {
+        "operation", "model_used", "input_chars", "output_tokens", "execution_time_ms", "request_id", "timestamp",
+    }  # fmt: skip
+    assert meta["operation"] == operation
+    assert meta["model_used"] == SEED_MODELS[operation]
+    assert meta["input_chars"] == len(str(request["text"]))
+    assert isinstance(meta["output_tokens"], int) and meta["output_tokens"] >= 0
+    assert isinstance(meta["execution_time_ms"], float) and meta["execution_time_ms"] >= 0
+    assert meta["request_id"] == request["request_id"]
+    assert ISO_UTC.match(str(meta["timestamp"]))
+
+
+async def test_summarize(client: AsyncTestClient, engine: FakeEngine) -> None:  # type: ignore[type-arg]
+    r = await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"summary", "sentence_count", "meta"}
+    assert 1 <= body["sentence_count"] <= SUMMARIZE["max_sentences"]
+    assert_meta(body["meta"], "summarize", SUMMARIZE)
+    _, call = engine.calls[-1]
+    assert SUMMARIZE["text"] in call.messages[-1].content  # type: ignore[attr-defined]
+
+
+async def test_translate(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    r = await client.post("/operations/translate", json=TRANSLATE, headers=KEY)
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"translated_text", "source_language", "target_language", "meta"}
+    assert (body["source_language"], body["target_language"]) == ("en", "ar")
+    assert body["translated_text"]
+    assert_meta(body["meta"], "translate", TRANSLATE)
+
+
+async def test_classify(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    r = await client.post("/operations/classify", json=CLASSIFY, headers=KEY)
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"label", "confidence", "scores", "meta"}
+    assert list(body["scores"]) == CLASSIFY["categories"]
+    assert body["label"] == max(body["scores"], key=body["scores"].get)
+    assert body["confidence"] == body["scores"][body["label"]]
+    assert sum(body["scores"].values()) == pytest.approx(1.0)
+    assert_meta(body["meta"], "classify", CLASSIFY)
+
+
+async def test_request_id_is_optional(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    r = await client.post("/operations/summarize", json={"text": "One. Two."}, headers=KEY)
+    assert r.status_code == 200
+    assert r.json()["meta"]["request_id"] is None
+
+
+async def test_health_needs_no_key(client: AsyncTestClient, engine: FakeEngine) -> None:  # type: ignore[type-arg]
+    r = await client.get("/health")
+    assert r.status_code == 200
+    body = r.json()
+    for field in ("status", "uptime_seconds", "memory_used_mb", "memory_total_mb", "cpu_percent", "models", "timestamp"):
+        assert field in body
+    assert body["status"] == "healthy"
+    assert ISO_UTC.match(body["timestamp"])
+    assert {m["name"] for m in body["models"]} == {f"{op} ({model})" for op, model in SEED_MODELS.items()}
+    assert all(m["loaded"] and m["provider"] == "CPUExecutionProvider" for m in body["models"])
+    assert body["memory_total_mb"] >= body["memory_used_mb"] > 0
+
+
+async def test_limits(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    r = await client.get("/limits", headers=KEY)
+    assert r.status_code == 200
+    assert sorted(r.json()["limits"], key=lambda x: x["operation"]) == [
+        {"operation": "classify", "daily_limit": 1000, "max_input_chars": 2000, "max_output_tokens": 64},
+        {"operation": "summarize", "daily_limit": 1000, "max_input_chars": 8000, "max_output_tokens": 512},
+        {"operation": "translate", "daily_limit": 1000, "max_input_chars": 4000, "max_output_tokens": 512},
+    ]
+
+
+async def test_put_limits_needs_admin_key(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    body = {"operation": "summarize", "daily_limit": 500}
+    r = await client.put("/limits", json=body, headers=KEY)
+    assert r.status_code == 403
+    assert r.json() == {"detail": "This action requires an admin API key."}
+    r = await client.put("/limits", json=body)
+    assert r.status_code == 403
+    assert r.json() == {"detail": "Invalid or missing API key."}
+
+    r = await client.put("/limits", json=body, headers=ADMIN)
+    assert r.status_code == 200
+    assert r.json() == {"operation": "summarize", "daily_limit": 500, "max_input_chars": 8000, "max_output_tokens": 512}
+    limits = {x["operation"]: x["daily_limit"] for x in (await client.get("/limits", headers=KEY)).json()["limits"]}
+    assert limits == {"summarize": 500, "translate": 1000, "classify": 1000}
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "kind"),
+    [
+        ({"operation": "nope", "daily_limit": 5}, ["body", "operation"], "enum"),
+        ({"operation": "summarize", "daily_limit": -1}, ["body", "daily_limit"], "greater_than_equal"),
+        ({"operation": "summarize"}, ["body", "daily_limit"], "missing"),
+        ({"operation": "summarize", "daily_limit": "many"}, ["body", "daily_limit"], "int_type"),
+    ],
+)
+async def test_put_limits_validation(client: AsyncTestClient, body: dict[str, object], loc: list[str], kind: str) -> None:  # type: ignore[type-arg]
+    r = await client.put("/limits", json=body, headers=ADMIN)
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert r.json()["error"] == "Request validation failed."
+    assert (detail[0]["type"], detail[0]["loc"]) == (kind, loc)
+
+
+async def test_put_limits_persists_across_restarts(env: dict[str, str]) -> None:
+    settings = Settings.from_mapping(env)
+    async with AsyncTestClient(create_app(settings, engine=FakeEngine(models=dict(SEED_MODELS)))) as client:
+        r = await client.put("/limits", json={"operation": "classify", "daily_limit": 7}, headers=ADMIN)
+        assert r.status_code == 200
+    async with AsyncTestClient(create_app(settings, engine=FakeEngine(models=dict(SEED_MODELS)))) as client:
+        limits = (await client.get("/limits", headers=KEY)).json()["limits"]
+        assert {x["operation"]: x["daily_limit"] for x in limits}["classify"] == 7
+
+
+async def test_usage_counts_successes_only(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    tokens = 0
+    for _ in range(3):
+        r = await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)
+        tokens += r.json()["meta"]["output_tokens"]
+    # Rejected for auth or validation: not counted.
+    await client.post("/operations/summarize", json=SUMMARIZE, headers={"X-API-Key": "wrong"})
+    await client.post("/operations/summarize", json={"text": ""}, headers=KEY)
+    r = await client.get("/limits/usage", headers=KEY)
+    assert r.status_code == 200
+    body = r.json()
+    assert ISO_UTC.match(body["generated_at"])
+    usage = {u["operation"]: u for u in body["usage"]}
+    assert usage["summarize"] == {
+        "operation": "summarize",
+        "date": datetime.now(UTC).date().isoformat(),
+        "request_count": 3,
+        "total_tokens": tokens,
+        "daily_limit": 1000,
+        "remaining": 997,
+    }
+    assert usage["translate"]["request_count"] == 0
+
+
+async def test_daily_limit_429(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    await client.put("/limits", json={"operation": "summarize", "daily_limit": 2}, headers=ADMIN)
+    for _ in range(2):
+        assert (await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)).status_code == 200
+    r = await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)
+    assert r.status_code == 429
+    assert r.json() == {"detail": "Daily limit exceeded for operation 'summarize': 2/2 requests used today."}
+    # Other operations have their own allowance.
+    assert (await client.post("/operations/translate", json=TRANSLATE, headers=KEY)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("post", "/operations/summarize"), ("get", "/limits"), ("put", "/limits"), ("get", "/limits/usage"),
+     ("get", "/schema/openapi.json")],
+)  # fmt: skip
+@pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong-key"}, {"X-API-Key": ""}, {"X-API-Key": CLIENT_KEY + "x"}])
+async def test_every_endpoint_but_health_needs_a_key(
+    client: AsyncTestClient, method: str, path: str, headers: dict[str, str]  # type: ignore[type-arg]
+) -> None:
+    r = await client.request(method.upper(), path, json=SUMMARIZE, headers=headers)
+    assert r.status_code == 403
+    assert r.json() == {"detail": "Invalid or missing API key."}
+
+
+@pytest.mark.parametrize(
+    ("operation", "body", "kind", "loc", "msg"),
+    [
+        ("summarize", {**SUMMARIZE, "text": "x" * 8001}, "string_too_long", ["body", "text"],
+         "String should have at most 8000 characters"),
+        ("translate", {**TRANSLATE, "text": "x" * 4001}, "string_too_long", ["body", "text"],
+         "String should have at most 4000 characters"),
+        ("classify", {**CLASSIFY, "text": "x" * 2001}, "string_too_long", ["body", "text"],
+         "String should have at most 2000 characters"),
+        ("summarize", {"max_sentences": 2}, "missing", ["body", "text"], "Field required"),
+        ("summarize", {**SUMMARIZE, "text": ""}, "string_too_short", ["body", "text"],
+         "String should have at least 1 character"),
+        ("summarize", {**SUMMARIZE, "max_sentences": 0}, "greater_than_equal", ["body", "max_sentences"],
+         "Input should be greater than or equal to 1"),
+        ("summarize", {**SUMMARIZE, "max_sentences": "2"}, "int_type", ["body", "max_sentences"],
+         "Input should be a valid integer"),
+        ("summarize", {**SUMMARIZE, "extra": 1}, "extra_forbidden", ["body", "extra"], "Extra inputs are not permitted"),
+        ("translate", {"text": "hi", "source_language": "en"}, "missing", ["body", "target_language"], "Field required"),
+        ("classify", {**CLASSIFY, "categories": ["only"]}, "too_short", ["body", "categories"],
+         "List should have at least 2 items after validation"),
+        ("classify", {**CLASSIFY, "categories": ["a", 3]}, "string_type", ["body", "categories", 1],
+         "Input should be a valid string"),
+        ("classify", {**CLASSIFY, "categories": ["a", "a"]}, "value_error", ["body"],
+         "Value error, categories must be unique"),
+        ("classify", {**CLASSIFY, "categories": [f"c{i}" for i in range(51)]}, "too_long", ["body", "categories"],
+         "List should have at most 50 items after validation"),
+        ("summarize", {**SUMMARIZE, "request_id": "x" * 129}, "string_too_long", ["body", "request_id"],
+         "String should have at most 128 characters"),
+    ],
+)  # fmt: skip
+async def test_validation_errors_use_the_seed_format(
+    client: AsyncTestClient, engine: FakeEngine, operation: str, body: dict[str, object], kind: str,  # type: ignore[type-arg]
+    loc: list[object], msg: str,
+) -> None:
+    r = await client.post(f"/operations/{operation}", json=body, headers=KEY)
+    assert r.status_code == 422
+    payload = r.json()
+    assert set(payload) == {"error", "detail"}
+    assert payload["error"] == "Request validation failed."
+    assert len(payload["detail"]) == 1
+    entry = payload["detail"][0]
+    assert set(entry) == {"type", "loc", "msg", "input"}
+    assert (entry["type"], entry["loc"], entry["msg"]) == (kind, loc, msg)
+    assert engine.calls == []  # rejected before any model work
+    usage = (await client.get("/limits/usage", headers=KEY)).json()["usage"]
+    assert all(u["request_count"] == 0 for u in usage)
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [(b"{not json", "application/json"), (b"", "application/json"), (b"\xff\xfe\x00", "application/json"),
+     (b"[1, 2]", "application/json"), (b"null", "application/json")],
+)  # fmt: skip
+async def test_malformed_bodies_are_4xx_json(client: AsyncTestClient, content: bytes, content_type: str) -> None:  # type: ignore[type-arg]
+    r = await client.post("/operations/summarize", content=content, headers={**KEY, "Content-Type": content_type})
+    assert 400 <= r.status_code < 500
+    assert r.json()["error"] == "Request validation failed."
+
+
+async def test_body_size_limit(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    r = await client.post("/operations/summarize", content=b'{"text": "' + b"x" * 300_000 + b'"}', headers=KEY)
+    assert r.status_code == 413
+    assert "detail" in r.json()
+
+
+async def test_unknown_operation_404(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    r = await client.post("/operations/sentiment", json={"text": "hi"}, headers=KEY)
+    assert r.status_code == 404
+    assert r.json() == {"detail": "Unknown operation 'sentiment'. Available operations: classify, summarize, translate."}
+    r = await client.get("/no/such/path", headers=KEY)
+    assert r.status_code == 404
+    assert "detail" in r.json()
+
+
+async def test_wrong_method_is_json(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    r = await client.get("/operations/summarize", headers=KEY)
+    assert r.status_code == 405
+    assert "detail" in r.json()
+
+
+async def test_model_unavailable_is_503_and_not_counted(env: dict[str, str]) -> None:
+    engine = FakeEngine(models=dict(SEED_MODELS), unavailable={"translate"})
+    async with AsyncTestClient(create_app(Settings.from_mapping(env), engine=engine)) as client:
+        r = await client.post("/operations/translate", json=TRANSLATE, headers=KEY)
+        assert r.status_code == 503
+        assert r.headers["Retry-After"].isdigit()
+        assert "not loaded" in r.json()["detail"]
+        assert (await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)).status_code == 200
+        health = (await client.get("/health")).json()
+        assert health["status"] == "degraded"
+        usage = {u["operation"]: u["request_count"] for u in (await client.get("/limits/usage", headers=KEY)).json()["usage"]}
+        assert usage == {"summarize": 1, "translate": 0, "classify": 0}
+
+
+async def test_unexpected_engine_error_is_a_bare_500_and_not_counted(env: dict[str, str]) -> None:
+    engine = FakeEngine(models=dict(SEED_MODELS), fail_with=RuntimeError("secret internals"))
+    async with AsyncTestClient(create_app(Settings.from_mapping(env), engine=engine)) as client:
+        r = await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)
+        assert r.status_code == 500
+        assert r.json() == {"detail": "Internal server error."}
+        usage = (await client.get("/limits/usage", headers=KEY)).json()["usage"]
+        assert all(u["request_count"] == 0 for u in usage)
+
+
+async def test_openapi_documents_each_operation(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    r = await client.get("/schema/openapi.json", headers=KEY)
+    assert r.status_code == 200
+    doc = r.json()
+    schemas = doc["components"]["schemas"]
+    for name, request_fields, response_fields in [
+        ("summarize", {"text", "max_sentences", "language", "request_id"}, {"summary", "sentence_count", "meta"}),
+        ("translate", {"text", "source_language", "target_language", "request_id"},
+         {"translated_text", "source_language", "target_language", "meta"}),
+        ("classify", {"text", "categories", "request_id"}, {"label", "confidence", "scores", "meta"}),
+    ]:  # fmt: skip
+        post = doc["paths"][f"/operations/{name}"]["post"]
+        assert "200" in post["responses"]
+        request_ref = post["requestBody"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+        response_ref = post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+        assert set(schemas[request_ref]["properties"]) == request_fields
+        assert set(schemas[response_ref]["properties"]) == response_fields
+    assert doc["components"]["securitySchemes"]["ApiKey"]["name"] == "X-API-Key"
+
+
+async def test_audit_trail_and_log_never_hold_keys(client: AsyncTestClient, env: dict[str, str]) -> None:  # type: ignore[type-arg]
+    await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)
+    await client.post("/operations/summarize", json=SUMMARIZE, headers={"X-API-Key": "wrong-key-attempt"})
+    await client.put("/limits", json={"operation": "summarize", "daily_limit": 9}, headers=ADMIN)
+    db = sqlite3.connect(env["DATABASE_URL"].removeprefix("sqlite://"))
+    db.row_factory = sqlite3.Row
+    records = db.execute("SELECT * FROM audit_record ORDER BY id").fetchall()
+    assert [(r["operation"], r["status"]) for r in records] == [("summarize", 200), ("summarize", 403), (None, 200)]
+    ok = records[0]
+    assert ok["request_id"] == "req-001" and ok["output_tokens"] > 0 and ok["key_id"] and ok["duration_ms"] > 0
+    assert records[1]["key_id"] is None
+    assert records[2]["key_id"] != ok["key_id"]
+    dump = " ".join(str(tuple(r)) for r in records)
+    log_text = (Path(env["LOG_DIR"]) / "platform.log").read_text()
+    assert "status=200" in log_text and ok["key_id"] in log_text
+    for secret in (CLIENT_KEY, ADMIN_KEY, "wrong-key-attempt", env["SECRET_KEY"]):
+        assert secret not in dump
+        assert secret not in log_text
+
+
+async def test_database_file_is_private(client: AsyncTestClient, env: dict[str, str]) -> None:  # type: ignore[type-arg]
+    path = Path(env["DATABASE_URL"].removeprefix("sqlite://"))
+    assert path.stat().st_mode & 0o777 == 0o600

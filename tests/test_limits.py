@@ -1,0 +1,80 @@
+"""Limit admission under concurrency, and exactly-once counting."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from ai_platform.app import create_app
+from ai_platform.errors import LimitExceededError
+from ai_platform.settings import Settings
+from ai_platform.usage.database import database
+from ai_platform.usage.limit_service import LimitService
+from conftest import ADMIN_KEY, CLIENT_KEY
+from fakes import FakeEngine
+from test_api_contract import SEED_MODELS, SUMMARIZE
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_concurrent_requests_never_exceed_the_limit(env: dict[str, str]) -> None:
+    engine = FakeEngine(models=dict(SEED_MODELS), delay=0.02)  # requests overlap inside the model call
+    async with AsyncTestClient(create_app(Settings.from_mapping(env), engine=engine)) as client:
+        r = await client.put("/limits", json={"operation": "summarize", "daily_limit": 10}, headers={"X-API-Key": ADMIN_KEY})
+        assert r.status_code == 200
+        responses = await asyncio.gather(
+            *(client.post("/operations/summarize", json=SUMMARIZE, headers={"X-API-Key": CLIENT_KEY}) for _ in range(50))
+        )
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [200] * 10 + [429] * 40
+        rejected = next(r for r in responses if r.status_code == 429)
+        assert rejected.json() == {"detail": "Daily limit exceeded for operation 'summarize': 10/10 requests used today."}
+        usage = (await client.get("/limits/usage", headers={"X-API-Key": CLIENT_KEY})).json()["usage"]
+        summarize = next(u for u in usage if u["operation"] == "summarize")
+        assert (summarize["request_count"], summarize["remaining"]) == (10, 0)
+        assert summarize["total_tokens"] == sum(r.json()["meta"]["output_tokens"] for r in responses if r.status_code == 200)
+        assert len(engine.calls) == 10  # refused requests never reached the model
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, 23, 59, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def test_reservations_settle_exactly_once_and_days_reset(tmp_path: object) -> None:
+    from ai_platform_summarize import OPERATION
+
+    clock = _Clock()
+    service = LimitService({"summarize": OPERATION}, default_daily_limit=2, clock=clock)
+    async with database(f"sqlite://{tmp_path}/limits.sqlite3"):
+        first = await service.admit("summarize")
+        second = await service.admit("summarize")
+        with pytest.raises(LimitExceededError):
+            await service.admit("summarize")
+        await service.release(second)  # a failed request gives its place back
+        third = await service.admit("summarize")
+        await service.commit(first, tokens=5)
+        await service.commit(third, tokens=7)
+        [today] = await service.usage()
+        assert (today.request_count, today.total_tokens, today.remaining) == (2, 12, 0)
+
+        clock.now = datetime(2026, 1, 2, 0, 0, 1, tzinfo=UTC)  # midnight UTC: a new allowance
+        [tomorrow] = await service.usage()
+        assert (tomorrow.request_count, tomorrow.remaining) == (0, 2)
+        await service.admit("summarize")
+
+
+async def test_cancelled_request_is_not_counted(env: dict[str, str]) -> None:
+    engine = FakeEngine(models=dict(SEED_MODELS), fail_with=asyncio.CancelledError())
+    async with AsyncTestClient(create_app(Settings.from_mapping(env), engine=engine)) as client:
+        with pytest.raises(BaseException):  # noqa: B017 - the client sees the cancellation
+            await client.post("/operations/summarize", json=SUMMARIZE, headers={"X-API-Key": CLIENT_KEY})
+        engine.fail_with = None
+        usage = (await client.get("/limits/usage", headers={"X-API-Key": CLIENT_KEY})).json()["usage"]
+        assert all(u["request_count"] == 0 for u in usage)
