@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-EXPORT_PYTHON = os.environ.get("AI_PLATFORM_EXPORT_PYTHON", str(ROOT / ".cache" / "export-venv" / "bin" / "python"))
-TINY_MODEL_DIR = ROOT / ".cache" / "test-models" / "tiny-qwen2"
-DEMO_MODEL_DIR = Path(os.environ.get("AI_PLATFORM_DEMO_MODEL", ROOT / "models" / "smollm2-135m-instruct"))
+from support import ADMIN_KEY, CLIENT_KEY, DEMO_MODEL_DIR, EXPORT_PYTHON, ROOT, TINY_MODEL_DIR
 
 
 def _export(*args: str) -> None:
@@ -33,10 +30,6 @@ def demo_model_dir() -> Path:
     if not (DEMO_MODEL_DIR / "model.onnx").exists():
         pytest.fail(f"demo model missing at {DEMO_MODEL_DIR}: run `make install` first")
     return DEMO_MODEL_DIR
-
-
-CLIENT_KEY = "test-client-key-0123456789"
-ADMIN_KEY = "test-admin-key-0123456789"
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ The model is faked (tests/fakes.py); usage runs on a real SQLite database.
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -16,36 +15,10 @@ from litestar.testing import AsyncTestClient
 
 from ai_platform.app import create_app
 from ai_platform.settings import Settings
-from conftest import ADMIN_KEY, CLIENT_KEY
 from fakes import FakeEngine
+from support import ADMIN, ADMIN_KEY, CLASSIFY, CLIENT_KEY, ISO_UTC, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, assert_meta
 
 pytestmark = pytest.mark.anyio
-
-KEY = {"X-API-Key": CLIENT_KEY}
-ADMIN = {"X-API-Key": ADMIN_KEY}
-ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-SEED_MODELS = {"summarize": "qwen-summarize", "translate": "qwen-translate", "classify": "qwen-classify"}
-
-SUMMARIZE = {
-    "text": "Artificial intelligence is transforming industries worldwide. Machine learning models can now "
-    "recognize images, translate languages, and generate human-like text with unprecedented accuracy. "
-    "Organizations are investing billions of dollars in AI research and deployment, expecting significant "
-    "productivity gains.",
-    "max_sentences": 2,
-    "language": "en",
-    "request_id": "req-001",
-}
-TRANSLATE = {
-    "text": "The quarterly earnings report exceeded all analyst expectations.",
-    "source_language": "en",
-    "target_language": "ar",
-    "request_id": "req-002",
-}
-CLASSIFY = {
-    "text": "My internet connection keeps dropping and the router shows a red light.",
-    "categories": ["billing", "technical_support", "sales", "general_inquiry"],
-    "request_id": "req-003",
-}
 
 
 @pytest.fixture
@@ -58,19 +31,6 @@ async def client(env: dict[str, str], engine: FakeEngine) -> AsyncIterator[Async
     app = create_app(Settings.from_mapping(env), engine=engine)
     async with AsyncTestClient(app) as client:
         yield client
-
-
-def assert_meta(meta: dict[str, object], operation: str, request: dict[str, object]) -> None:
-    assert set(meta) == {
-        "operation", "model_used", "input_chars", "output_tokens", "execution_time_ms", "request_id", "timestamp",
-    }  # fmt: skip
-    assert meta["operation"] == operation
-    assert meta["model_used"] == SEED_MODELS[operation]
-    assert meta["input_chars"] == len(str(request["text"]))
-    assert isinstance(meta["output_tokens"], int) and meta["output_tokens"] >= 0
-    assert isinstance(meta["execution_time_ms"], float) and meta["execution_time_ms"] >= 0
-    assert meta["request_id"] == request["request_id"]
-    assert ISO_UTC.match(str(meta["timestamp"]))
 
 
 async def test_summarize(client: AsyncTestClient, engine: FakeEngine) -> None:  # type: ignore[type-arg]
@@ -116,7 +76,15 @@ async def test_health_needs_no_key(client: AsyncTestClient, engine: FakeEngine) 
     r = await client.get("/health")
     assert r.status_code == 200
     body = r.json()
-    for field in ("status", "uptime_seconds", "memory_used_mb", "memory_total_mb", "cpu_percent", "models", "timestamp"):
+    for field in (
+        "status",
+        "uptime_seconds",
+        "memory_used_mb",
+        "memory_total_mb",
+        "cpu_percent",
+        "models",
+        "timestamp",
+    ):
         assert field in body
     assert body["status"] == "healthy"
     assert ISO_UTC.match(body["timestamp"])
@@ -160,7 +128,9 @@ async def test_put_limits_needs_admin_key(client: AsyncTestClient) -> None:  # t
         ({"operation": "summarize", "daily_limit": "many"}, ["body", "daily_limit"], "int_type"),
     ],
 )
-async def test_put_limits_validation(client: AsyncTestClient, body: dict[str, object], loc: list[str], kind: str) -> None:  # type: ignore[type-arg]
+async def test_put_limits_validation(
+    client: AsyncTestClient, body: dict[str, object], loc: list[str], kind: str
+) -> None:  # type: ignore[type-arg]
     r = await client.put("/limits", json=body, headers=ADMIN)
     assert r.status_code == 422
     detail = r.json()["detail"]
@@ -218,9 +188,14 @@ async def test_daily_limit_429(client: AsyncTestClient) -> None:  # type: ignore
     [("post", "/operations/summarize"), ("get", "/limits"), ("put", "/limits"), ("get", "/limits/usage"),
      ("get", "/schema/openapi.json")],
 )  # fmt: skip
-@pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong-key"}, {"X-API-Key": ""}, {"X-API-Key": CLIENT_KEY + "x"}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"X-API-Key": "wrong-key"}, {"X-API-Key": ""}, {"X-API-Key": CLIENT_KEY + "x"}]
+)
 async def test_every_endpoint_but_health_needs_a_key(
-    client: AsyncTestClient, method: str, path: str, headers: dict[str, str]  # type: ignore[type-arg]
+    client: AsyncTestClient,
+    method: str,
+    path: str,
+    headers: dict[str, str],  # type: ignore[type-arg]
 ) -> None:
     r = await client.request(method.upper(), path, json=SUMMARIZE, headers=headers)
     assert r.status_code == 403
@@ -258,8 +233,13 @@ async def test_every_endpoint_but_health_needs_a_key(
     ],
 )  # fmt: skip
 async def test_validation_errors_use_the_seed_format(
-    client: AsyncTestClient, engine: FakeEngine, operation: str, body: dict[str, object], kind: str,  # type: ignore[type-arg]
-    loc: list[object], msg: str,
+    client: AsyncTestClient,
+    engine: FakeEngine,
+    operation: str,
+    body: dict[str, object],
+    kind: str,  # type: ignore[type-arg]
+    loc: list[object],
+    msg: str,
 ) -> None:
     r = await client.post(f"/operations/{operation}", json=body, headers=KEY)
     assert r.status_code == 422
@@ -295,7 +275,9 @@ async def test_body_size_limit(client: AsyncTestClient) -> None:  # type: ignore
 async def test_unknown_operation_404(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
     r = await client.post("/operations/sentiment", json={"text": "hi"}, headers=KEY)
     assert r.status_code == 404
-    assert r.json() == {"detail": "Unknown operation 'sentiment'. Available operations: classify, summarize, translate."}
+    assert r.json() == {
+        "detail": "Unknown operation 'sentiment'. Available operations: classify, summarize, translate."
+    }
     r = await client.get("/no/such/path", headers=KEY)
     assert r.status_code == 404
     assert "detail" in r.json()
@@ -317,7 +299,9 @@ async def test_model_unavailable_is_503_and_not_counted(env: dict[str, str]) -> 
         assert (await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)).status_code == 200
         health = (await client.get("/health")).json()
         assert health["status"] == "degraded"
-        usage = {u["operation"]: u["request_count"] for u in (await client.get("/limits/usage", headers=KEY)).json()["usage"]}
+        usage = {
+            u["operation"]: u["request_count"] for u in (await client.get("/limits/usage", headers=KEY)).json()["usage"]
+        }
         assert usage == {"summarize": 1, "translate": 0, "classify": 0}
 
 
@@ -374,3 +358,26 @@ async def test_audit_trail_and_log_never_hold_keys(client: AsyncTestClient, env:
 async def test_database_file_is_private(client: AsyncTestClient, env: dict[str, str]) -> None:  # type: ignore[type-arg]
     path = Path(env["DATABASE_URL"].removeprefix("sqlite://"))
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+async def test_plugin_bug_is_a_named_500_and_not_counted(env: dict[str, str]) -> None:
+    import dataclasses
+    import types
+
+    from ai_platform import hookimpl
+    from ai_platform.plugins import load_plugins
+    from ai_platform_summarize import OPERATION
+
+    def broken_respond(request: object, result: object, meta: object) -> object:
+        raise KeyError("plugin bug")
+
+    module = types.ModuleType("buggy")
+    module.register_operations = hookimpl(lambda: [dataclasses.replace(OPERATION, respond=broken_respond)])  # type: ignore[attr-defined]
+    plugins = load_plugins(extra_plugins=[("buggy", module)], use_entry_points=False)
+    app = create_app(Settings.from_mapping(env), plugins=plugins, engine=FakeEngine(models=dict(SEED_MODELS)))
+    async with AsyncTestClient(app) as client:
+        r = await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)
+        assert r.status_code == 500
+        assert r.json() == {"detail": "Operation 'summarize' failed."}
+        usage = (await client.get("/limits/usage", headers=KEY)).json()["usage"]
+        assert usage[0]["request_count"] == 0

@@ -13,9 +13,8 @@ from ai_platform.errors import LimitExceededError
 from ai_platform.settings import Settings
 from ai_platform.usage.database import database
 from ai_platform.usage.limit_service import LimitService
-from conftest import ADMIN_KEY, CLIENT_KEY
 from fakes import FakeEngine
-from test_api_contract import SEED_MODELS, SUMMARIZE
+from support import ADMIN_KEY, CLIENT_KEY, SEED_MODELS, SUMMARIZE
 
 pytestmark = pytest.mark.anyio
 
@@ -23,19 +22,28 @@ pytestmark = pytest.mark.anyio
 async def test_concurrent_requests_never_exceed_the_limit(env: dict[str, str]) -> None:
     engine = FakeEngine(models=dict(SEED_MODELS), delay=0.02)  # requests overlap inside the model call
     async with AsyncTestClient(create_app(Settings.from_mapping(env), engine=engine)) as client:
-        r = await client.put("/limits", json={"operation": "summarize", "daily_limit": 10}, headers={"X-API-Key": ADMIN_KEY})
+        r = await client.put(
+            "/limits", json={"operation": "summarize", "daily_limit": 10}, headers={"X-API-Key": ADMIN_KEY}
+        )
         assert r.status_code == 200
         responses = await asyncio.gather(
-            *(client.post("/operations/summarize", json=SUMMARIZE, headers={"X-API-Key": CLIENT_KEY}) for _ in range(50))
+            *(
+                client.post("/operations/summarize", json=SUMMARIZE, headers={"X-API-Key": CLIENT_KEY})
+                for _ in range(50)
+            )
         )
         statuses = sorted(r.status_code for r in responses)
         assert statuses == [200] * 10 + [429] * 40
         rejected = next(r for r in responses if r.status_code == 429)
-        assert rejected.json() == {"detail": "Daily limit exceeded for operation 'summarize': 10/10 requests used today."}
+        assert rejected.json() == {
+            "detail": "Daily limit exceeded for operation 'summarize': 10/10 requests used today."
+        }
         usage = (await client.get("/limits/usage", headers={"X-API-Key": CLIENT_KEY})).json()["usage"]
         summarize = next(u for u in usage if u["operation"] == "summarize")
         assert (summarize["request_count"], summarize["remaining"]) == (10, 0)
-        assert summarize["total_tokens"] == sum(r.json()["meta"]["output_tokens"] for r in responses if r.status_code == 200)
+        assert summarize["total_tokens"] == sum(
+            r.json()["meta"]["output_tokens"] for r in responses if r.status_code == 200
+        )
         assert len(engine.calls) == 10  # refused requests never reached the model
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+
 from litestar import Litestar
 from litestar.config.app import AppConfig
 from litestar.openapi import OpenAPIConfig
@@ -90,7 +91,9 @@ class PlatformPlugin(InitPluginProtocol):
             version=__version__,
             description="Task operations over local language models. Every endpoint but /health needs X-API-Key.",
             components=Components(
-                security_schemes={"ApiKey": SecurityScheme(type="apiKey", name=API_KEY_HEADER, security_scheme_in="header")}
+                security_schemes={
+                    "ApiKey": SecurityScheme(type="apiKey", name=API_KEY_HEADER, security_scheme_in="header")
+                }
             ),
             security=[{"ApiKey": []}],
         )

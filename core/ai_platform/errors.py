@@ -70,9 +70,9 @@ class OverloadedError(ServiceUnavailableError):
 
 
 class OperationError(PlatformError):
-    """A plugin could not turn model output into a response (a bug or a model failure)."""
+    """A plugin failed to build its prompt or response: our bug, never the client's."""
 
-    status_code = 502
+    status_code = 500
 
 
 class ConfigurationError(Exception):

@@ -22,9 +22,7 @@ NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 RequestId = Annotated[
     str,
-    msgspec.Meta(
-        min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$", description="Client's id, echoed in meta."
-    ),
+    msgspec.Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$", description="Client's id, echoed in meta."),
 ]
 """A client-chosen request id: 1-128 printable ASCII characters, echoed in ``meta.request_id``."""
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pluggy
 
@@ -154,15 +154,13 @@ class _Loader:
         for impl in self.pm.hook.register_operations.get_hookimpls():
             info = self._by_name[impl.plugin_name]
             try:
-                operations = list(impl.function())
+                operations: list[Any] = list(cast(Iterable[Any], impl.function()))
                 for op in operations:
                     if not isinstance(op, Operation):
                         raise ValueError(f"register_operations returned {type(op).__name__}, not Operation")
                     op.validate()
                     if op.name in self.operations or op.name in [o.name for o in operations if o is not op]:
-                        owner = next(
-                            (p.name for p in self.infos if op.name in p.operations), impl.plugin_name
-                        )
+                        owner = next((p.name for p in self.infos if op.name in p.operations), impl.plugin_name)
                         raise ValueError(f"operation {op.name!r} is already provided by plugin {owner!r}")
             except Exception as exc:
                 self.fail(info, f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))

@@ -39,9 +39,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_dir: Path = Path("logs")
     default_daily_limit: PositiveInt = 1000
-    operation_model_map: dict[str, NonEmptyStr] = msgspec.field(
-        default_factory=lambda: dict(SEED_OPERATION_MODEL_MAP)
-    )
+    operation_model_map: dict[str, NonEmptyStr] = msgspec.field(default_factory=lambda: dict(SEED_OPERATION_MODEL_MAP))
     default_model: NonEmptyStr | None = None
     models_dir: Path = Path("models")
     database_url: NonEmptyStr = "sqlite://data/ai_platform.sqlite3"
@@ -54,9 +52,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env"
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env") -> Settings:
         """Read settings from ``environ`` (default ``os.environ``) over ``env_file``."""
         values: dict[str, str] = {}
         if env_file is not None and Path(env_file).is_file():

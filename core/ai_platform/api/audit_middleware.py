@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import cast
 
 from litestar.middleware import ASGIMiddleware
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 from ai_platform.api.auth import Principal
 from ai_platform.api.errors import status_for
@@ -40,7 +41,7 @@ class AuditMiddleware(ASGIMiddleware):
                 audit.AuditEntry(
                     timestamp=datetime.now(UTC),
                     request_id=state.get("request_id"),
-                    method=scope["method"],
+                    method=cast(HTTPScope, scope)["method"],
                     path=scope["path"][:256],
                     operation=scope["route_handler"].opt.get("operation"),
                     key_id=user.key_id if isinstance(user, Principal) else None,

@@ -45,7 +45,12 @@ def validation_error(request: Request[Any, Any, Any], exc: ValidationException) 
     # Bodies are validated earlier (``validation.validate_body``); this covers path and query parameters.
     extra = exc.extra if isinstance(exc.extra, list) else []
     details = [
-        {"type": "value_error", "loc": [e.get("source", "query"), e.get("key", "")], "msg": e.get("message"), "input": None}
+        {
+            "type": "value_error",
+            "loc": [e.get("source", "query"), e.get("key", "")],
+            "msg": e.get("message"),
+            "input": None,
+        }
         for e in extra
         if isinstance(e, dict)
     ] or [{"type": "value_error", "loc": [], "msg": exc.detail, "input": None}]
@@ -69,8 +74,8 @@ def unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Respons
 
 
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
-    PlatformError: platform_error,  # type: ignore[dict-item]
-    ValidationException: validation_error,  # type: ignore[dict-item]
-    HTTPException: http_error,  # type: ignore[dict-item]
-    Exception: unexpected_error,  # type: ignore[dict-item]
+    PlatformError: platform_error,
+    ValidationException: validation_error,
+    HTTPException: http_error,
+    Exception: unexpected_error,
 }

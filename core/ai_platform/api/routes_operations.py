@@ -25,7 +25,7 @@ def operation_route(operation: Operation, service: OperationService) -> HTTPRout
     # body and documents both schemas per operation.
     handler.__annotations__ = {
         "request": Request[Any, Any, Any],
-        "data": JSONBody[operation.request_type],  # type: ignore[name-defined]
+        "data": JSONBody[operation.request_type],  # type: ignore[misc,name-defined]
         "return": operation.response_type,
     }
     handler.__name__ = f"operation_{operation.name}"

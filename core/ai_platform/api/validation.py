@@ -40,6 +40,7 @@ _RULES: list[tuple[re.Pattern[str], Any]] = [
     (re.compile(r"Expected `(?P<t>\w+)(?: \| null)?`, got `\w+`"), "type"),
 ]  # fmt: skip
 
+
 async def validate_body(request: Request[Any, Any, Any]) -> None:
     """``before_request`` hook: validate the body against the handler's ``opt["body_type"]``.
 

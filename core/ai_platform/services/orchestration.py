@@ -62,7 +62,7 @@ class OrchestrationService:
         started = time.perf_counter()
         input_text = operation.input_text(request)
         self._check_input(operation, input_text)
-        call = operation.prompt(request)
+        call = self._plugin_step(operation, "prompt", operation.prompt, request)
         reservation = await self.limits.admit(operation.name)
         try:
             result = await self._call_model(operation, call)
@@ -75,7 +75,7 @@ class OrchestrationService:
                 request_id=getattr(request, "request_id", None),
                 timestamp=iso_timestamp(self._clock()),
             )
-            response = self._respond(operation, request, result, meta)
+            response = self._plugin_step(operation, "respond", self._respond, operation, request, result, meta)
         except BaseException:
             # Failed, cancelled (client gone) or timed out: not a served request.
             await self.limits.release(reservation)
@@ -111,15 +111,20 @@ class OrchestrationService:
 
     @staticmethod
     def _respond(operation: Operation, request: Any, result: Completion | Choice, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
+        response = operation.respond(request, result, meta)
+        if not isinstance(response, operation.response_type):
+            raise TypeError(f"respond returned {type(response).__name__}")
+        # Re-validate so a plugin bug surfaces here, named, instead of as a broken body.
+        msgspec.convert(msgspec.to_builtins(response), operation.response_type)
+        return response
+
+    @staticmethod
+    def _plugin_step(operation: Operation, step: str, function: Callable[..., Any], *args: Any) -> Any:  # type: ignore[type-arg]
+        """Run plugin code; its failures are logged with the operation's name and answered with a bare 500."""
         try:
-            response = operation.respond(request, result, meta)
-            if not isinstance(response, operation.response_type):
-                raise TypeError(f"respond returned {type(response).__name__}")
-            # Re-validate so a plugin bug surfaces here, named, instead of as a broken body.
-            msgspec.convert(msgspec.to_builtins(response), operation.response_type)
+            return function(*args)
         except PlatformError:
             raise
         except Exception as exc:
-            log.exception("operation %r could not build its response", operation.name)
-            raise OperationError(f"Operation '{operation.name}' could not build a response.") from exc
-        return response
+            log.exception("operation %r failed in %s", operation.name, step)
+            raise OperationError(f"Operation '{operation.name}' failed.") from exc

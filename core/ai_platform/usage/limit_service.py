@@ -76,8 +76,8 @@ class LimitService:
         return {name: overrides.get(name, self._default_for(name)) for name in self._operations}
 
     async def daily_limit(self, operation: str) -> int:
-        override = await OperationLimit.get_or_none(operation=operation).values_list("daily_limit", flat=True)
-        return int(override) if override is not None else self._default_for(operation)
+        override = await OperationLimit.get_or_none(operation=operation)
+        return override.daily_limit if override is not None else self._default_for(operation)
 
     async def limits(self) -> list[LimitInfo]:
         daily = await self._daily_limits()
@@ -128,9 +128,7 @@ class LimitService:
     async def usage(self) -> list[UsageInfo]:
         """Today's usage for every operation (zeros where nothing ran yet)."""
         day = self.today()
-        rows = {
-            r.operation: r for r in await DailyUsage.filter(day=day, operation__in=list(self._operations))
-        }
+        rows = {r.operation: r for r in await DailyUsage.filter(day=day, operation__in=list(self._operations))}
         daily = await self._daily_limits()
         return [
             UsageInfo(

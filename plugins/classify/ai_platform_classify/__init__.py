@@ -44,8 +44,7 @@ def prompt(request: ClassifyRequest) -> Choose:
         messages=[
             Message(
                 "system",
-                "You are a text classifier. Answer with exactly one category name from the list, "
-                "and nothing else.",
+                "You are a text classifier. Answer with exactly one category name from the list, and nothing else.",
             ),
             Message("user", f"Categories:\n{listing}\n\nText:\n{request.text}\n\nWhich category fits best?"),
         ],

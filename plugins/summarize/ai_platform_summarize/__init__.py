@@ -24,7 +24,7 @@ MAX_INPUT_CHARS = 8000
 MAX_OUTPUT_TOKENS = 512
 
 # A sentence ends at . ! ? (or their CJK/Arabic forms) followed by whitespace or the end.
-_SENTENCE_END = re.compile(r"(?<=[.!?。！？؟])\s+")
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？؟])\s+")  # noqa: RUF001
 
 
 class SummarizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -52,8 +52,7 @@ def prompt(request: SummarizeRequest) -> Generate:
         messages=[
             Message(
                 "system",
-                "You are a precise assistant that writes faithful, concise summaries. "
-                "Reply with the summary only.",
+                "You are a precise assistant that writes faithful, concise summaries. Reply with the summary only.",
             ),
             Message(
                 "user",

@@ -44,8 +44,7 @@ def prompt(request: TranslateRequest) -> Generate:
         messages=[
             Message(
                 "system",
-                "You are a professional translator. Reply with the translation only, "
-                "without notes or explanations.",
+                "You are a professional translator. Reply with the translation only, without notes or explanations.",
             ),
             Message("user", f"Translate the following text from {source} to {target}.\n\n{request.text}"),
         ]

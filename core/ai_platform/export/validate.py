@@ -1,0 +1,95 @@
+"""Checks an exported ONNX model against its torch original on a short greedy generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+NEW_TOKENS = 8
+MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in 12 words."}]
+# fp32 on both sides; observed differences are ~1e-5, a broken graph is off by whole units.
+LOGIT_TOLERANCE = 1e-3
+
+
+class ValidationFailed(RuntimeError):
+    """The ONNX model does not generate what the torch model generates."""
+
+
+@dataclass(frozen=True)
+class KnownAnswer:
+    """A chat prompt and the greedy ids both models produced; export.json keeps it for runtime tests."""
+
+    messages: list[dict[str, str]]
+    prompt_ids: list[int]
+    greedy_ids: list[int]
+
+
+def compare_greedy(hf_dir: Path, onnx_dir: Path) -> tuple[KnownAnswer, float]:
+    """Greedy-decode a chat prompt with torch and with the ONNX graph (each through its KV cache).
+
+    Returns the answer and the largest logit difference; raises ``ValidationFailed`` unless both
+    pick the same tokens with nearly the same logits.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(onnx_dir)  # the tokenizer that ships, not the source one
+    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    prompt_ids: list[int] = tokenizer(prompt)["input_ids"]
+    expected, expected_logits = _torch_greedy(hf_dir, prompt_ids)
+    actual, actual_logits = _onnx_greedy(onnx_dir / "model.onnx", prompt_ids)
+    if actual != expected:
+        raise ValidationFailed(f"ONNX greedy ids {actual} differ from torch's {expected}, prompt {prompt_ids}")
+    diff = float(np.abs(expected_logits - actual_logits).max())
+    if diff > LOGIT_TOLERANCE:
+        raise ValidationFailed(f"ONNX logits differ from torch's by {diff:.2e} (tolerance {LOGIT_TOLERANCE})")
+    return KnownAnswer(MESSAGES, prompt_ids, actual), diff
+
+
+def _torch_greedy(hf_dir: Path, prompt_ids: list[int]) -> tuple[list[int], np.ndarray]:
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)  # in eval mode
+    fresh, past = prompt_ids, None
+    tokens, steps = [], []
+    with torch.inference_mode():
+        for _ in range(NEW_TOKENS):
+            output = model(torch.tensor([fresh]), past_key_values=past, use_cache=True)
+            logits = output.logits[0, -1].numpy()
+            past = output.past_key_values
+            fresh = [int(logits.argmax())]
+            tokens += fresh
+            steps.append(logits)
+    return tokens, np.stack(steps)
+
+
+def _onnx_greedy(model_path: Path, prompt_ids: list[int]) -> tuple[list[int], np.ndarray]:
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    output_names = [output.name for output in session.get_outputs()]
+    # Past inputs are [batch, kv_heads, past_len, head_dim] with heads and head_dim fixed in the graph.
+    past = {
+        arg.name: np.zeros((1, arg.shape[1], 0, arg.shape[3]), dtype=np.float32)
+        for arg in session.get_inputs()
+        if arg.name.startswith("past_key_values.")
+    }
+    fresh, length = prompt_ids, 0
+    tokens, steps = [], []
+    for _ in range(NEW_TOKENS):
+        length += len(fresh)
+        feeds = {
+            "input_ids": np.array([fresh], dtype=np.int64),
+            "attention_mask": np.ones((1, length), dtype=np.int64),
+            "position_ids": np.arange(length - len(fresh), length, dtype=np.int64)[None],
+            **past,
+        }
+        outputs = dict(zip(output_names, session.run(None, feeds), strict=True))
+        logits = outputs["logits"][0, -1]
+        past = {
+            name.replace("present.", "past_key_values."): value
+            for name, value in outputs.items()
+            if name.startswith("present.")
+        }
+        fresh = [int(logits.argmax())]
+        tokens += fresh
+        steps.append(logits)
+    return tokens, np.stack(steps)

@@ -1,0 +1,162 @@
+"""The runtime's public face: loads the operations' models and runs model calls off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ai_platform.errors import ConfigurationError, ModelUnavailableError
+from ai_platform.operations import Choice, Choose, Completion, Generate
+from ai_platform.runtime.model import LanguageModel
+from ai_platform.runtime.onnx_model import EXECUTION_PROVIDERS
+from ai_platform.runtime.worker import ModelWorker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """Load state of one operation's model."""
+
+    operation: str
+    model: str  # folder name from the operation → model map
+    path: str  # models_dir / folder as configured (not symlink-resolved)
+    loaded: bool
+    provider: str | None  # execution provider the session actually uses
+    error: str | None  # why it is not loaded
+
+
+@dataclass
+class _Slot:
+    """One distinct model (by real path), shared by every operation that maps to it."""
+
+    model: LanguageModel | None = None
+    worker: ModelWorker | None = None
+    error: str | None = "not loaded yet"
+
+
+class InferenceEngine:
+    """Serves :class:`Generate` and :class:`Choose` calls on each operation's local ONNX model.
+
+    Every distinct model folder is loaded once and gets its own worker thread;
+    a model that fails to load is reported by :meth:`status` and makes its
+    operations raise :class:`ModelUnavailableError`, while others keep working.
+    """
+
+    def __init__(
+        self,
+        models_dir: Path,
+        operation_models: Mapping[str, str],
+        *,
+        execution_provider: str = "auto",
+        max_queue: int = 32,
+        intra_op_threads: int | None = None,
+    ) -> None:
+        if execution_provider not in EXECUTION_PROVIDERS:
+            choices = ", ".join(EXECUTION_PROVIDERS)
+            raise ConfigurationError(f"execution provider must be one of {choices}, not {execution_provider!r}")
+        if max_queue < 1:
+            raise ConfigurationError(f"max_queue must be at least 1, not {max_queue}")
+        if intra_op_threads is not None and intra_op_threads < 1:
+            raise ConfigurationError(f"intra_op_threads must be at least 1, not {intra_op_threads}")
+        self._models_dir = models_dir
+        self._operation_models = dict(operation_models)
+        self._execution_provider = execution_provider
+        self._max_queue = max_queue
+        self._intra_op_threads = intra_op_threads
+        self._slots = {operation: _Slot() for operation in self._operation_models}
+        self._started = False
+
+    async def start(self) -> None:
+        """Load every distinct model once, in a worker thread; failures are recorded, not raised."""
+        if self._started:
+            raise RuntimeError("InferenceEngine.start() was already called")
+        self._started = True
+        by_real_path: dict[Path, _Slot] = {}
+        for operation, folder in self._operation_models.items():
+            path = self._models_dir / folder
+            # Symlinked folders resolve to the same model and share one session.
+            real_path = path.resolve()
+            if real_path not in by_real_path:
+                by_real_path[real_path] = await self._load(folder, path)
+            self._slots[operation] = by_real_path[real_path]
+
+    async def _load(self, folder: str, path: Path) -> _Slot:
+        if not path.is_dir():
+            error = "model folder not found"
+        else:
+            started = time.perf_counter()
+            try:
+                model = await asyncio.to_thread(
+                    LanguageModel.load,
+                    path,
+                    execution_provider=self._execution_provider,
+                    intra_op_threads=self._intra_op_threads,
+                )
+            except Exception as exc:
+                error = f"failed to load: {type(exc).__name__}: {exc}"
+            else:
+                seconds = time.perf_counter() - started
+                logger.info("loaded model %s from %s on %s in %.1f s", folder, path, model.provider, seconds)
+                return _Slot(model=model, worker=ModelWorker(folder, self._max_queue), error=None)
+        logger.error("model %s at %s is not available: %s", folder, path, error)
+        return _Slot(error=error)
+
+    async def close(self) -> None:
+        """Stop the worker threads (waiting calls fail, running ones stop) and release the sessions."""
+        closed = _Slot(error="engine closed")
+        workers = {id(slot.worker): slot.worker for slot in self._slots.values() if slot.worker is not None}
+        self._slots = {operation: closed for operation in self._slots}
+        for worker in workers.values():
+            await worker.close()
+
+    def status(self) -> list[ModelStatus]:
+        """One entry per operation in the map."""
+        statuses = []
+        for operation, folder in self._operation_models.items():
+            slot = self._slots[operation]
+            statuses.append(
+                ModelStatus(
+                    operation=operation,
+                    model=folder,
+                    path=str(self._models_dir / folder),
+                    loaded=slot.model is not None,
+                    provider=slot.model.provider if slot.model is not None else None,
+                    error=slot.error,
+                )
+            )
+        return statuses
+
+    def model_name(self, operation: str) -> str:
+        """The model folder name serving ``operation`` (``KeyError`` if it has none)."""
+        return self._operation_models[operation]
+
+    def _loaded(self, operation: str) -> tuple[LanguageModel, ModelWorker]:
+        slot = self._slots.get(operation)
+        if slot is None:
+            raise ModelUnavailableError(f"No model is configured for operation '{operation}'.")
+        if slot.model is None or slot.worker is None:
+            model = self._operation_models[operation]
+            raise ModelUnavailableError(f"Model '{model}' for operation '{operation}' is not loaded ({slot.error}).")
+        return slot.model, slot.worker
+
+    async def generate(self, operation: str, call: Generate, *, max_output_tokens: int) -> Completion:
+        """Greedy completion of ``call.messages``; ``call.max_output_tokens`` may only lower the limit."""
+        model, worker = self._loaded(operation)
+        if call.max_output_tokens is not None:
+            max_output_tokens = min(max_output_tokens, call.max_output_tokens)
+        prompt = await asyncio.to_thread(model.encode_prompt, call.messages)
+        return await worker.run(lambda should_stop: model.generate(prompt, max_output_tokens, should_stop))
+
+    async def choose(self, operation: str, call: Choose) -> Choice:
+        """Probabilities of ``call.options`` as the model's complete answer to ``call.messages``."""
+        model, worker = self._loaded(operation)
+        options = list(dict.fromkeys(call.options))  # duplicates would collapse in the scores dict
+        if not options:
+            raise ValueError("Choose needs at least one option")
+        prompt, answers = await asyncio.to_thread(model.encode_choice, call.messages, options)
+        return await worker.run(lambda should_stop: model.choose(prompt, answers, options, should_stop))

@@ -1,0 +1,148 @@
+"""Greedy decoding and option scoring over an :class:`OnnxDecoder` with a KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ai_platform.runtime.onnx_model import OnnxDecoder
+
+# Prompt tokens per prefill pass. The graph returns full-vocabulary logits for
+# every input position, so an unchunked long prompt would need
+# prompt_len x vocab floats at once (gigabytes for a 150k vocabulary);
+# chunks bound that and let a cancelled call stop between them.
+PREFILL_CHUNK = 512
+
+# Rows per batched forward pass when scoring options; bounds the memory of the
+# repeated prompt KV cache (batch x layers x kv_heads x prompt_len x head_dim).
+MAX_OPTION_BATCH = 16
+
+
+class GenerationCancelled(Exception):
+    """The caller no longer wants the result; raised between decoding steps."""
+
+
+@dataclass(frozen=True)
+class Generated:
+    """New token ids (without the eos token) and why generation ended."""
+
+    tokens: list[int]
+    finish_reason: str  # "stop" (eos produced) or "length" (token or context limit)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    # float64: sums of many small log-probabilities must not lose precision.
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
+
+
+def _ones(length: int) -> np.ndarray:
+    return np.ones((1, length), dtype=np.int64)
+
+
+def prefill(
+    model: OnnxDecoder, prompt: Sequence[int], should_stop: Callable[[], bool]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Run the prompt through the model in chunks: (logits of its last position, KV cache)."""
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    past = model.empty_past(1)
+    for start in range(0, len(prompt), PREFILL_CHUNK):
+        if should_stop():
+            raise GenerationCancelled
+        chunk = prompt[start : start + PREFILL_CHUNK]
+        end = start + len(chunk)
+        logits, past = model.forward(
+            np.asarray([chunk], dtype=np.int64),
+            _ones(end),
+            np.arange(start, end, dtype=np.int64)[None],
+            past,
+        )
+    last: np.ndarray = logits[0, -1]  # only the last position predicts a new token
+    return last, past
+
+
+def greedy_generate(
+    model: OnnxDecoder,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int,
+    eos_ids: Collection[int],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Generated:
+    """Greedy decoding: prefill the prompt once, then one token per step through the KV cache.
+
+    Stops at an eos token, after ``max_new_tokens`` tokens, or at the model's
+    context size. Raises :class:`GenerationCancelled` once ``should_stop()`` is true.
+    """
+    length = len(prompt)
+    budget = min(max_new_tokens, model.max_positions - length)
+    tokens: list[int] = []
+    if budget <= 0:
+        return Generated(tokens, "length")
+    logits, past = prefill(model, prompt, should_stop)
+    while True:
+        token = int(np.argmax(logits))
+        if token in eos_ids:
+            return Generated(tokens, "stop")
+        tokens.append(token)
+        if len(tokens) >= budget:
+            return Generated(tokens, "length")
+        if should_stop():
+            raise GenerationCancelled
+        position = length + len(tokens) - 1
+        step_logits, past = model.forward(
+            np.asarray([[token]], dtype=np.int64),
+            _ones(position + 1),
+            np.asarray([[position]], dtype=np.int64),
+            past,
+        )
+        logits = step_logits[0, -1]
+
+
+def score_options(
+    model: OnnxDecoder,
+    prompt: Sequence[int],
+    options: Sequence[Sequence[int]],
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[float]:
+    """log P(option | prompt) for each option's token ids (each ends with the end-of-turn token).
+
+    The prompt is prefilled once; the options then run as right-padded batches
+    that reuse its KV cache. Right padding is safe: under causal attention no
+    real token attends to a pad after it, and pads' own outputs are ignored.
+    """
+    if not options or any(len(option) == 0 for option in options):
+        raise ValueError("every option needs at least one token")
+    length = len(prompt)
+    last, past = prefill(model, prompt, should_stop)
+    first = _log_softmax(last)
+    totals = [float(first[option[0]]) for option in options]
+    for start in range(0, len(options), MAX_OPTION_BATCH):
+        if should_stop():
+            raise GenerationCancelled
+        chunk = options[start : start + MAX_OPTION_BATCH]
+        # Feed every option token but the last; position j predicts token j + 1.
+        width = max(len(option) for option in chunk) - 1
+        if width == 0:
+            continue
+        rows = len(chunk)
+        input_ids = np.zeros((rows, width), dtype=np.int64)
+        attention_mask = np.zeros((rows, length + width), dtype=np.int64)
+        attention_mask[:, :length] = 1
+        for row, option in enumerate(chunk):
+            input_ids[row, : len(option) - 1] = option[:-1]
+            attention_mask[row, length : length + len(option) - 1] = 1
+        positions = np.broadcast_to(np.arange(length, length + width, dtype=np.int64), (rows, width))
+        batch_past = [np.repeat(layer, rows, axis=0) for layer in past]
+        logits, _ = model.forward(input_ids, attention_mask, np.ascontiguousarray(positions), batch_past)
+        for row, option in enumerate(chunk):
+            steps = len(option) - 1
+            log_probs = _log_softmax(logits[row, :steps])
+            totals[start + row] += float(log_probs[np.arange(steps), option[1:]].sum())
+    return totals

@@ -1,0 +1,122 @@
+"""A model folder loaded for serving: tokenizer, chat template, ONNX decoder and stop tokens."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ai_platform.errors import RequestValidationError
+from ai_platform.operations import Choice, Completion, Message
+from ai_platform.runtime.generation import greedy_generate, score_options
+from ai_platform.runtime.onnx_model import OnnxDecoder
+from ai_platform.runtime.tokenizer import ChatTokenizer
+
+
+def _eos_ids(generation_config: Path) -> list[int]:
+    if not generation_config.is_file():
+        return []
+    eos = json.loads(generation_config.read_text(encoding="utf-8")).get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(token) for token in eos]
+
+
+class LanguageModel:
+    """Turns chat messages into model work; the heavy methods run on the model's worker thread."""
+
+    def __init__(self, tokenizer: ChatTokenizer, decoder: OnnxDecoder, eos_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.decoder = decoder
+        # A chat model's tokenizer eos is its end-of-turn token; generation_config.json
+        # may list more stop tokens (e.g. Qwen2.5: <|im_end|> and <|endoftext|>).
+        end_of_turn = tokenizer.eos_token_id
+        ordered = ([end_of_turn] if end_of_turn is not None else []) + list(eos_ids)
+        if not ordered:
+            raise ValueError("no eos token in generation_config.json or tokenizer_config.json")
+        self.end_of_turn_id = ordered[0]
+        self.eos_ids = frozenset(ordered)
+
+    @classmethod
+    def load(cls, folder: Path, *, execution_provider: str, intra_op_threads: int | None) -> LanguageModel:
+        """Load a model folder (config.json, generation_config.json, tokenizer files, model.onnx)."""
+        model_file = folder / "model.onnx"
+        if not model_file.is_file():
+            raise FileNotFoundError("model.onnx not found in the model folder")
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        decoder = OnnxDecoder(
+            model_file, config, execution_provider=execution_provider, intra_op_threads=intra_op_threads
+        )
+        return cls(ChatTokenizer.from_folder(folder), decoder, _eos_ids(folder / "generation_config.json"))
+
+    @property
+    def provider(self) -> str:
+        return self.decoder.provider
+
+    def _check_fits(self, prompt_tokens: int, reserved: int) -> None:
+        """Reject a prompt that leaves fewer than ``reserved`` positions of context for the answer."""
+        most = self.decoder.max_positions - reserved
+        if prompt_tokens > most:
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "string_too_long",
+                        "loc": ["body", "text"],
+                        "msg": f"Input is too long for the model's context window "
+                        f"({prompt_tokens} tokens; at most {max(most, 0)}).",
+                        "input": None,
+                    }
+                ]
+            )
+
+    def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
+        """Prompt token ids for generation; raises RequestValidationError if no room is left to answer."""
+        ids = self.tokenizer.encode(self.tokenizer.render(messages))
+        self._check_fits(len(ids), 1)
+        return ids
+
+    def encode_choice(self, messages: Sequence[Message], options: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+        """Prompt ids and each option's answer ids (ending with the end-of-turn token)."""
+        prompt_text = self.tokenizer.render(messages)
+        prompt = self.tokenizer.encode(prompt_text)
+        answers = []
+        for option in options:
+            # Encode the option in place after the prompt, so tokenizers that treat
+            # word starts specially (leading spaces, SentencePiece's "▁") see what
+            # the model would see; fall back to the bare option if the prompt's
+            # tokens merge with it across the boundary.
+            joined = self.tokenizer.encode(prompt_text + option)
+            tokens = joined[len(prompt) :] if joined[: len(prompt)] == prompt else self.tokenizer.encode(option)
+            answers.append([*tokens, self.end_of_turn_id])
+        self._check_fits(len(prompt), max(len(answer) for answer in answers))
+        return prompt, answers
+
+    def generate(self, prompt: list[int], max_new_tokens: int, should_stop: Callable[[], bool]) -> Completion:
+        """Greedy completion of an encoded prompt."""
+        result = greedy_generate(
+            self.decoder, prompt, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, should_stop=should_stop
+        )
+        return Completion(
+            text=self.tokenizer.decode(result.tokens).strip(),
+            output_tokens=len(result.tokens),
+            finish_reason=result.finish_reason,
+        )
+
+    def choose(
+        self,
+        prompt: list[int],
+        answers: list[list[int]],
+        options: Sequence[str],
+        should_stop: Callable[[], bool],
+    ) -> Choice:
+        """Probabilities of the options (softmax of their log-likelihoods), in option order."""
+        totals = score_options(self.decoder, prompt, answers, should_stop=should_stop)
+        top = max(totals)
+        weights = [math.exp(total - top) for total in totals]
+        norm = sum(weights)
+        best = totals.index(top)
+        return Choice(
+            scores={option: weight / norm for option, weight in zip(options, weights, strict=True)},
+            output_tokens=len(answers[best]),
+        )

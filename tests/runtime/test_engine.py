@@ -1,0 +1,213 @@
+"""InferenceEngine on the tiny model: loading, status, calls, errors, concurrency."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Collection
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from ai_platform.errors import ConfigurationError, ModelUnavailableError, RequestValidationError
+from ai_platform.operations import Choose, Generate, Message
+from ai_platform.runtime import InferenceEngine
+from ai_platform.runtime.model import LanguageModel
+from ai_platform.runtime.onnx_model import OnnxDecoder
+
+pytestmark = pytest.mark.anyio
+
+OPERATIONS = {"summarize": "tiny", "classify": "tiny-alias", "translate": "missing"}
+MESSAGES = [Message("user", "Summarize: the quick brown fox jumps over the lazy dog.")]
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    (tmp_path / "tiny").symlink_to(tiny_model_dir, target_is_directory=True)
+    (tmp_path / "tiny-alias").symlink_to(tmp_path / "tiny", target_is_directory=True)
+    return tmp_path
+
+
+@pytest.fixture
+async def engine(models_dir: Path) -> AsyncIterator[InferenceEngine]:
+    engine = InferenceEngine(models_dir, OPERATIONS, execution_provider="cpu", intra_op_threads=1)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+class SlowForward:
+    """Wraps OnnxDecoder.forward: sleeps per pass, counts passes, and never lets eos win."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, eos_ids: Collection[int], delay: float) -> None:
+        self.calls = 0
+        self.windows: list[tuple[float, float]] = []
+        self._forward = OnnxDecoder.forward
+        self._eos = list(eos_ids)
+        self._delay = delay
+        monkeypatch.setattr(OnnxDecoder, "forward", self)
+
+    def __get__(self, decoder: OnnxDecoder, owner: type) -> object:
+        return lambda *args: self(decoder, *args)
+
+    def __call__(self, decoder: OnnxDecoder, *args: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+        self.calls += 1
+        start = time.monotonic()
+        time.sleep(self._delay)
+        logits, present = self._forward(decoder, *args)
+        logits[..., self._eos] = -np.inf
+        self.windows.append((start, time.monotonic()))
+        return logits, present
+
+    async def wait_for_calls(self, count: int) -> None:
+        with anyio.fail_after(5):
+            while self.calls < count:
+                await anyio.sleep(0.001)
+
+
+async def test_status_reports_every_operation(engine: InferenceEngine, models_dir: Path) -> None:
+    status = {s.operation: s for s in engine.status()}
+    assert list(status) == list(OPERATIONS)
+    assert status["summarize"].loaded and status["summarize"].provider == "CPUExecutionProvider"
+    assert status["summarize"].path == str(models_dir / "tiny")
+    assert status["classify"].loaded and status["classify"].path == str(models_dir / "tiny-alias")
+    assert status["classify"].model == engine.model_name("classify") == "tiny-alias"
+    assert not status["translate"].loaded and status["translate"].provider is None
+    assert status["translate"].error == "model folder not found"
+
+
+async def test_symlinked_folders_share_one_session(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loads: list[Path] = []
+    original = LanguageModel.load
+
+    def counting_load(folder: Path, **kwargs: object) -> LanguageModel:
+        loads.append(folder)
+        return original(folder, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LanguageModel, "load", counting_load)
+    engine = InferenceEngine(models_dir, {"summarize": "tiny", "classify": "tiny-alias"}, execution_provider="cpu")
+    await engine.start()
+    assert loads == [models_dir / "tiny"]
+    assert all(s.loaded for s in engine.status())
+    await engine.close()
+
+
+async def test_generate_respects_both_token_limits(engine: InferenceEngine) -> None:
+    for call_limit, limit in ((None, 5), (3, 3), (50, 5)):
+        completion = await engine.generate(
+            "summarize", Generate(messages=MESSAGES, max_output_tokens=call_limit), max_output_tokens=5
+        )
+        assert completion.finish_reason in ("stop", "length")
+        assert completion.output_tokens <= limit
+        if completion.finish_reason == "length":
+            assert completion.output_tokens == limit
+        assert completion.text == completion.text.strip()
+
+
+async def test_choose_returns_probabilities_in_option_order(engine: InferenceEngine, tiny_model: LanguageModel) -> None:
+    choice = await engine.choose("classify", Choose(messages=MESSAGES, options=["technical", "billing"]))
+    assert list(choice.scores) == ["technical", "billing"]
+    assert sum(choice.scores.values()) == pytest.approx(1.0, abs=1e-9)
+    assert all(0.0 <= p <= 1.0 for p in choice.scores.values())
+    _, answers = tiny_model.encode_choice(MESSAGES, [choice.best])
+    assert choice.output_tokens == len(answers[0])
+
+
+async def test_missing_model_is_unavailable_while_others_work(engine: InferenceEngine) -> None:
+    with pytest.raises(ModelUnavailableError, match=r"'missing' for operation 'translate' is not loaded"):
+        await engine.generate("translate", Generate(messages=MESSAGES), max_output_tokens=5)
+    with pytest.raises(ModelUnavailableError, match="No model is configured"):
+        await engine.choose("unknown", Choose(messages=MESSAGES, options=["a", "b"]))
+    assert (await engine.generate("summarize", Generate(messages=MESSAGES), max_output_tokens=2)).output_tokens <= 2
+
+
+async def test_input_beyond_the_context_window_is_rejected(engine: InferenceEngine, tiny_model: LanguageModel) -> None:
+    context = tiny_model.decoder.max_positions
+    long = [Message("user", "Hello world! " * context)]
+    with pytest.raises(RequestValidationError) as raised:
+        await engine.generate("summarize", Generate(messages=long), max_output_tokens=5)
+    [error] = raised.value.errors
+    assert error["type"] == "string_too_long" and error["loc"] == ["body", "text"] and error["input"] is None
+    assert "context window" in str(error["msg"]) and f"at most {context - 1})" in str(error["msg"])
+    with pytest.raises(RequestValidationError):
+        await engine.choose("classify", Choose(messages=long, options=["a", "b"]))
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
+async def test_cuda_without_cuda_fails_to_load_with_a_clear_error(models_dir: Path) -> None:
+    engine = InferenceEngine(models_dir, {"summarize": "tiny"}, execution_provider="cuda")
+    await engine.start()
+    [status] = engine.status()
+    assert not status.loaded
+    assert status.error is not None and "CUDAExecutionProvider is not available" in status.error
+    await engine.close()
+
+
+def test_invalid_settings_are_rejected(models_dir: Path) -> None:
+    with pytest.raises(ConfigurationError, match="execution provider"):
+        InferenceEngine(models_dir, {}, execution_provider="tpu")
+    with pytest.raises(ConfigurationError, match="max_queue"):
+        InferenceEngine(models_dir, {}, max_queue=0)
+
+
+async def test_generate_does_not_block_the_event_loop(
+    engine: InferenceEngine, tiny_model: LanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = SlowForward(monkeypatch, tiny_model.eos_ids, delay=0.02)
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await anyio.sleep(0.001)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick)
+        await engine.generate("summarize", Generate(messages=MESSAGES), max_output_tokens=4)
+        tg.cancel_scope.cancel()
+    assert slow.calls == 4
+    for start, end in slow.windows:
+        assert any(start < t < end for t in ticks), "the event loop stalled during a forward pass"
+
+
+async def test_cancelling_a_running_generation_stops_it(
+    engine: InferenceEngine, tiny_model: LanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = SlowForward(monkeypatch, tiny_model.eos_ids, delay=0.01)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(engine.generate, "summarize", Generate(messages=MESSAGES), max_output_tokens=200))
+        await slow.wait_for_calls(3)
+        tg.cancel_scope.cancel()
+    calls_at_cancel = slow.calls
+    completion = await engine.generate("summarize", Generate(messages=MESSAGES), max_output_tokens=2)
+    assert completion.output_tokens == 2
+    assert slow.calls <= calls_at_cancel + 1 + 2  # at most the step in flight, then the new call's two
+
+
+async def test_close_makes_models_unavailable(models_dir: Path) -> None:
+    engine = InferenceEngine(models_dir, {"summarize": "tiny"}, execution_provider="cpu")
+    await engine.start()
+    await engine.close()
+    [status] = engine.status()
+    assert not status.loaded and status.error == "engine closed"
+    with pytest.raises(ModelUnavailableError):
+        await engine.generate("summarize", Generate(messages=MESSAGES), max_output_tokens=2)
+
+
+async def test_corrupt_model_is_reported_not_raised(models_dir: Path, tiny_model_dir: Path) -> None:
+    broken = models_dir / "broken"
+    broken.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes((tiny_model_dir / name).read_bytes())
+    (broken / "model.onnx").write_bytes(b"not a model")
+    engine = InferenceEngine(models_dir, {"summarize": "tiny", "broken": "broken"}, execution_provider="cpu")
+    await engine.start()
+    status = {s.operation: s for s in engine.status()}
+    assert status["summarize"].loaded
+    assert not status["broken"].loaded
+    assert status["broken"].error is not None and status["broken"].error.startswith("failed to load: ")
+    await engine.close()

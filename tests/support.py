@@ -1,0 +1,54 @@
+"""Constants and checks shared by the test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORT_PYTHON = os.environ.get("AI_PLATFORM_EXPORT_PYTHON", str(ROOT / ".cache" / "export-venv" / "bin" / "python"))
+TINY_MODEL_DIR = ROOT / ".cache" / "test-models" / "tiny-qwen2"
+DEMO_MODEL_DIR = Path(os.environ.get("AI_PLATFORM_DEMO_MODEL", ROOT / "models" / "smollm2-135m-instruct"))
+
+CLIENT_KEY = "test-client-key-0123456789"
+ADMIN_KEY = "test-admin-key-0123456789"
+
+KEY = {"X-API-Key": CLIENT_KEY}
+ADMIN = {"X-API-Key": ADMIN_KEY}
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+SEED_MODELS = {"summarize": "qwen-summarize", "translate": "qwen-translate", "classify": "qwen-classify"}
+
+SUMMARIZE = {
+    "text": "Artificial intelligence is transforming industries worldwide. Machine learning models can now "
+    "recognize images, translate languages, and generate human-like text with unprecedented accuracy. "
+    "Organizations are investing billions of dollars in AI research and deployment, expecting significant "
+    "productivity gains.",
+    "max_sentences": 2,
+    "language": "en",
+    "request_id": "req-001",
+}
+TRANSLATE = {
+    "text": "The quarterly earnings report exceeded all analyst expectations.",
+    "source_language": "en",
+    "target_language": "ar",
+    "request_id": "req-002",
+}
+CLASSIFY = {
+    "text": "My internet connection keeps dropping and the router shows a red light.",
+    "categories": ["billing", "technical_support", "sales", "general_inquiry"],
+    "request_id": "req-003",
+}
+
+
+def assert_meta(meta: dict[str, object], operation: str, request: dict[str, object]) -> None:
+    assert set(meta) == {
+        "operation", "model_used", "input_chars", "output_tokens", "execution_time_ms", "request_id", "timestamp",
+    }  # fmt: skip
+    assert meta["operation"] == operation
+    assert meta["model_used"] == SEED_MODELS[operation]
+    assert meta["input_chars"] == len(str(request["text"]))
+    assert isinstance(meta["output_tokens"], int) and meta["output_tokens"] >= 0
+    assert isinstance(meta["execution_time_ms"], float) and meta["execution_time_ms"] >= 0
+    assert meta["request_id"] == request["request_id"]
+    assert ISO_UTC.match(str(meta["timestamp"]))

@@ -1,0 +1,168 @@
+"""End to end on real ONNX models: the tiny random Qwen2 (fast) and the SmolLM2 demo model (slower).
+
+Tiny-model text is meaningless, so these tests check structure and invariants;
+the demo-model tests check that real text comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from ai_platform.app import create_app
+from ai_platform.settings import Settings
+from support import CLASSIFY, CLIENT_KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, assert_meta
+
+KEY = {"X-API-Key": CLIENT_KEY}
+REQUESTS = {"summarize": SUMMARIZE, "translate": TRANSLATE, "classify": CLASSIFY}
+
+
+def seed_layout(models_dir: Path, model: Path) -> None:
+    """The seed's folders, all symlinked to one model (as its guide suggests)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    for folder in SEED_MODELS.values():
+        (models_dir / folder).symlink_to(model, target_is_directory=True)
+
+
+async def check_all_operations(client: AsyncTestClient) -> dict[str, dict[str, object]]:  # type: ignore[type-arg]
+    bodies = {}
+    for operation, request in REQUESTS.items():
+        r = await client.post(f"/operations/{operation}", json=request, headers=KEY)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert_meta(body["meta"], operation, request)
+        bodies[operation] = body
+    summary = bodies["summarize"]
+    assert summary["sentence_count"] <= SUMMARIZE["max_sentences"]
+    assert summary["meta"]["output_tokens"] <= 512
+    assert bodies["translate"]["meta"]["output_tokens"] <= 512
+    classified = bodies["classify"]
+    assert classified["label"] in CLASSIFY["categories"]
+    assert list(classified["scores"]) == CLASSIFY["categories"]
+    assert classified["confidence"] == classified["scores"][classified["label"]] == max(classified["scores"].values())
+    assert sum(classified["scores"].values()) == pytest.approx(1.0)
+    return bodies
+
+
+@pytest.fixture
+def tiny_env(env: dict[str, str], tiny_model_dir: Path) -> dict[str, str]:
+    seed_layout(Path(env["MODELS_DIR"]), tiny_model_dir)
+    return env
+
+
+@pytest.fixture
+async def tiny_client(tiny_env: dict[str, str]) -> AsyncIterator[AsyncTestClient]:  # type: ignore[type-arg]
+    async with AsyncTestClient(create_app(Settings.from_mapping(tiny_env))) as client:
+        yield client
+
+
+@pytest.mark.anyio
+async def test_tiny_model_serves_every_operation(tiny_client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    await check_all_operations(tiny_client)
+    usage = (await tiny_client.get("/limits/usage", headers=KEY)).json()["usage"]
+    assert {u["operation"]: u["request_count"] for u in usage} == {"summarize": 1, "translate": 1, "classify": 1}
+
+
+@pytest.mark.anyio
+async def test_tiny_model_health_reports_models_and_provider(
+    tiny_client: AsyncTestClient, tiny_env: dict[str, str]
+) -> None:  # type: ignore[type-arg]
+    health = (await tiny_client.get("/health")).json()
+    assert health["status"] == "healthy"
+    assert sorted((m["name"], m["loaded"], m["provider"], m["path"]) for m in health["models"]) == sorted(
+        (f"{op} ({folder})", True, "CPUExecutionProvider", str(Path(tiny_env["MODELS_DIR"]) / folder))
+        for op, folder in SEED_MODELS.items()
+    )
+
+
+@pytest.mark.anyio
+async def test_missing_model_folder_is_503_and_others_keep_working(env: dict[str, str], tiny_model_dir: Path) -> None:
+    models = Path(env["MODELS_DIR"])
+    models.mkdir()
+    (models / "qwen-summarize").symlink_to(tiny_model_dir)
+    async with AsyncTestClient(create_app(Settings.from_mapping(env))) as client:
+        r = await client.post("/operations/translate", json=TRANSLATE, headers=KEY)
+        assert r.status_code == 503 and "qwen-translate" in r.json()["detail"]
+        assert "Retry-After" in r.headers
+        assert (await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)).status_code == 200
+        health = (await client.get("/health")).json()
+        assert health["status"] == "degraded"
+        loaded = {m["name"]: (m["loaded"], m["error"]) for m in health["models"]}
+        assert loaded["summarize (qwen-summarize)"] == (True, None)
+        assert loaded["translate (qwen-translate)"] == (False, "model folder not found")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def call(port: int, method: str, path: str, body: object = None) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **KEY},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.slow
+def test_cli_serves_over_http_without_torch(tiny_env: dict[str, str], tmp_path: Path) -> None:
+    """`ai-platform serve` in its own process: real sockets, real uvicorn, and no torch imported."""
+    port = free_port()
+    probe = tmp_path / "sitecustomize.py"
+    # Fails the server at import time if anything on the serving path imports torch.
+    probe.write_text("import sys\nclass _NoTorch:\n    def find_spec(self, name, *a):\n"
+                     "        if name == 'torch' or name.startswith('torch.'):\n"
+                     "            raise ImportError('torch imported while serving')\n"
+                     "sys.meta_path.insert(0, _NoTorch())\n")  # fmt: skip
+    env = {**os.environ, **tiny_env, "PYTHONPATH": str(tmp_path)}
+    cli = Path(sys.executable).parent / "ai-platform"
+    server = subprocess.Popen([str(cli), "serve", "--port", str(port)], env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status, health = call(port, "GET", "/health")
+                break
+            except OSError:
+                assert server.poll() is None, "server exited"
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        assert status == 200 and health["status"] == "healthy"
+        for operation, request in REQUESTS.items():
+            status, body = call(port, "POST", f"/operations/{operation}", request)
+            assert status == 200, body
+            assert_meta(body["meta"], operation, request)  # type: ignore[arg-type]
+        status, body = call(port, "POST", "/operations/summarize", {"text": ""})
+        assert status == 422 and body["error"] == "Request validation failed."
+    finally:
+        server.terminate()
+        assert server.wait(timeout=30) in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
+
+
+@pytest.mark.demo_model
+@pytest.mark.anyio
+async def test_demo_model_serves_every_operation(env: dict[str, str], demo_model_dir: Path) -> None:
+    seed_layout(Path(env["MODELS_DIR"]), demo_model_dir)
+    async with AsyncTestClient(create_app(Settings.from_mapping(env))) as client:
+        bodies = await check_all_operations(client)
+    summary = str(bodies["summarize"]["summary"])
+    assert summary and summary.count(" ") >= 3, summary  # real words, not an empty or one-token answer
+    assert bodies["translate"]["translated_text"]
