@@ -69,6 +69,12 @@ class OverloadedError(ServiceUnavailableError):
     """The model's queue is full."""
 
 
+class RequestTimeoutError(PlatformError):
+    """The request took longer than ``REQUEST_TIMEOUT_SECONDS``; its generation was stopped."""
+
+    status_code = 504
+
+
 class OperationError(PlatformError):
     """A plugin failed to build its prompt or response: our bug, never the client's."""
 
