@@ -24,6 +24,7 @@ class FakeEngine:
     fail_with: BaseException | None = None
     calls: list[tuple[str, object]] = field(default_factory=list)
     started: bool = False
+    cancelled: int = 0
 
     async def start(self) -> None:
         self.started = True
@@ -52,7 +53,11 @@ class FakeEngine:
             raise ModelUnavailableError(f"Model for operation '{operation}' is not loaded: missing")
         self.calls.append((operation, call))
         if self.delay:
-            await asyncio.sleep(self.delay)
+            try:
+                await asyncio.sleep(self.delay)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         if self.fail_with is not None:
             raise self.fail_with
 

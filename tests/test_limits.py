@@ -78,11 +78,13 @@ async def test_reservations_settle_exactly_once_and_days_reset(tmp_path: object)
         await service.admit("summarize")
 
 
-async def test_cancelled_request_is_not_counted(env: dict[str, str]) -> None:
-    engine = FakeEngine(models=dict(SEED_MODELS), fail_with=asyncio.CancelledError())
-    async with AsyncTestClient(create_app(Settings.from_mapping(env), engine=engine)) as client:
-        with pytest.raises(BaseException):  # noqa: B017 - the client sees the cancellation
-            await client.post("/operations/summarize", json=SUMMARIZE, headers={"X-API-Key": CLIENT_KEY})
-        engine.fail_with = None
+async def test_timeout_is_504_and_not_counted(env: dict[str, str]) -> None:
+    engine = FakeEngine(models=dict(SEED_MODELS), delay=5)
+    settings = Settings.from_mapping({**env, "REQUEST_TIMEOUT_SECONDS": "0.2"})
+    async with AsyncTestClient(create_app(settings, engine=engine)) as client:
+        r = await client.post("/operations/summarize", json=SUMMARIZE, headers={"X-API-Key": CLIENT_KEY})
+        assert r.status_code == 504
+        assert r.json() == {"detail": "Request timed out after 0.2 seconds."}
+        assert engine.cancelled == 1  # the model work was stopped, not left running
         usage = (await client.get("/limits/usage", headers={"X-API-Key": CLIENT_KEY})).json()["usage"]
         assert all(u["request_count"] == 0 for u in usage)

@@ -21,11 +21,13 @@ from ai_platform import __version__
 from ai_platform.api.audit_middleware import AuditMiddleware
 from ai_platform.api.auth import API_KEY_HEADER, KeyRing, api_key_middleware
 from ai_platform.api.errors import EXCEPTION_HANDLERS
+from ai_platform.api.routes_metrics import metrics_route
 from ai_platform.api.routes_operations import operation_route, unknown_operation_route
 from ai_platform.api.routes_system import health_route, limit_routes
 from ai_platform.api.validation import validate_body
 from ai_platform.errors import ConfigurationError
 from ai_platform.logging_config import logging_config
+from ai_platform.metrics import PlatformMetrics
 from ai_platform.plugins import LoadedPlugins, load_plugins
 from ai_platform.services.operation_service import OperationService
 from ai_platform.services.orchestration import Engine, OrchestrationService
@@ -48,7 +50,12 @@ class PlatformPlugin(InitPluginProtocol):
         self.plugins = plugins
         self.engine = engine
         self.limits = LimitService(plugins.operations, default_daily_limit=settings.default_daily_limit)
-        self.service = OperationService(OrchestrationService(plugins.operations, engine, self.limits))
+        self.metrics = PlatformMetrics(engine, plugins.operations)
+        self.service = OperationService(
+            OrchestrationService(
+                plugins.operations, engine, self.limits, timeout_seconds=settings.request_timeout_seconds
+            )
+        )
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         self._configure_routes(app_config)
@@ -63,10 +70,11 @@ class PlatformPlugin(InitPluginProtocol):
         app_config.route_handlers.append(unknown_operation_route(self.service))
         app_config.route_handlers.extend(limit_routes(self.limits))
         app_config.route_handlers.append(health_route(self.engine, self.plugins.plugins))
+        app_config.route_handlers.append(metrics_route(self.metrics, self.settings.metrics_access))
 
     def _configure_security(self, app_config: AppConfig) -> None:
         keyring = KeyRing(self.settings.valid_api_keys, self.settings.admin_api_keys, self.settings.secret_key)
-        app_config.middleware.extend([AuditMiddleware(), api_key_middleware(keyring)])
+        app_config.middleware.extend([AuditMiddleware(self.metrics), api_key_middleware(keyring)])
 
     def _configure_errors(self, app_config: AppConfig) -> None:
         app_config.exception_handlers.update(EXCEPTION_HANDLERS)

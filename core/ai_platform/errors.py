@@ -75,6 +75,15 @@ class RequestTimeoutError(PlatformError):
     status_code = 504
 
 
+class ClientDisconnectedError(PlatformError):
+    """The client went away before its response was ready; its work was stopped (nginx's 499)."""
+
+    status_code = 499
+
+    def __init__(self, detail: str = "Client closed the request.") -> None:
+        super().__init__(detail)
+
+
 class OperationError(PlatformError):
     """A plugin failed to build its prompt or response: our bug, never the client's."""
 

@@ -48,6 +48,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     strict_plugins: bool = False
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
     max_queue_per_model: PositiveInt = 32
+    request_timeout_seconds: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    metrics_access: Literal["admin", "loopback"] = "admin"
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
 

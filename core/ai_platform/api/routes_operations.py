@@ -8,6 +8,7 @@ from litestar import Request, post
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath, JSONBody
 
+from ai_platform.api.disconnect import cancel_on_disconnect
 from ai_platform.operations import Operation
 from ai_platform.services.operation_service import OperationService
 
@@ -17,7 +18,7 @@ def operation_route(operation: Operation, service: OperationService) -> HTTPRout
 
     async def handler(request: Request[Any, Any, Any], data: Any) -> Any:
         request.state.request_id = getattr(data, "request_id", None)
-        response, tokens = await service.execute(operation.name, data)
+        response, tokens = await cancel_on_disconnect(request, service.execute(operation.name, data))
         request.state.output_tokens = tokens
         return response
 

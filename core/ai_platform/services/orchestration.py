@@ -7,6 +7,7 @@ response. A request is counted once if and only if it returns a response.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ai_platform.errors import OperationError, PlatformError, RequestValidationError
+from ai_platform.errors import OperationError, PlatformError, RequestTimeoutError, RequestValidationError
 from ai_platform.operations import Choice, Choose, Completion, Generate, Operation, ResponseMeta
 from ai_platform.usage.limit_service import LimitService
 
@@ -50,11 +51,13 @@ class OrchestrationService:
         engine: Engine,
         limits: LimitService,
         *,
+        timeout_seconds: float = 300.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.operations = operations
         self.engine = engine
         self.limits = limits
+        self.timeout_seconds = timeout_seconds
         self._clock = clock
 
     async def run(self, operation: Operation, request: Any) -> tuple[Any, int]:  # type: ignore[type-arg]
@@ -65,7 +68,11 @@ class OrchestrationService:
         call = self._plugin_step(operation, "prompt", operation.prompt, request)
         reservation = await self.limits.admit(operation.name)
         try:
-            result = await self._call_model(operation, call)
+            try:
+                async with asyncio.timeout(self.timeout_seconds):
+                    result = await self._call_model(operation, call)
+            except TimeoutError:
+                raise RequestTimeoutError(f"Request timed out after {self.timeout_seconds:g} seconds.") from None
             meta = ResponseMeta(
                 operation=operation.name,
                 model_used=self.engine.model_name(operation.name),
