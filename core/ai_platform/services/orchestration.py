@@ -39,6 +39,24 @@ class Engine(Protocol):
     async def choose(self, operation: str, call: Choose) -> Choice: ...
 
 
+class ExecutionHooks(Protocol):
+    """Where plugins may wrap an operation's own steps (``ai_platform.plugins.LoadedPlugins``)."""
+
+    def build_model_call(self, operation: Operation, request: Any) -> Generate | Choose: ...  # type: ignore[type-arg]
+
+    def build_response(self, operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any: ...  # type: ignore[type-arg]
+
+
+class DirectExecution:
+    """The operation's own ``prompt`` and ``respond``, with no plugin wrapping them."""
+
+    def build_model_call(self, operation: Operation, request: Any) -> Generate | Choose:  # type: ignore[type-arg]
+        return operation.prompt(request)
+
+    def build_response(self, operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
+        return operation.respond(request, result, meta)
+
+
 def iso_timestamp(moment: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and a ``Z``, as in the seed (``2025-01-15T10:30:00.000Z``)."""
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -52,12 +70,14 @@ class OrchestrationService:
         limits: LimitService,
         *,
         timeout_seconds: float = 300.0,
+        hooks: ExecutionHooks | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.operations = operations
         self.engine = engine
         self.limits = limits
         self.timeout_seconds = timeout_seconds
+        self.hooks: ExecutionHooks = hooks or DirectExecution()
         self._clock = clock
 
     async def run(self, operation: Operation, request: Any) -> tuple[Any, int]:  # type: ignore[type-arg]
@@ -65,7 +85,7 @@ class OrchestrationService:
         started = time.perf_counter()
         input_text = operation.input_text(request)
         self._check_input(operation, input_text)
-        call = self._plugin_step(operation, "prompt", operation.prompt, request)
+        call = self._plugin_step(operation, "prompt", self.hooks.build_model_call, operation, request)
         reservation = await self.limits.admit(operation.name)
         try:
             try:
@@ -116,9 +136,8 @@ class OrchestrationService:
             return await self.engine.choose(operation.name, call)
         raise OperationError(f"Operation '{operation.name}' built an unsupported model call.")
 
-    @staticmethod
-    def _respond(operation: Operation, request: Any, result: Completion | Choice, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
-        response = operation.respond(request, result, meta)
+    def _respond(self, operation: Operation, request: Any, result: Completion | Choice, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
+        response = self.hooks.build_response(operation, request, result, meta)
         if not isinstance(response, operation.response_type):
             raise TypeError(f"respond returned {type(response).__name__}")
         # Re-validate so a plugin bug surfaces here, named, instead of as a broken body.
