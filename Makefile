@@ -5,16 +5,19 @@ BIN := $(VENV)/bin
 EXPORT_VENV := .cache/export-venv
 DEMO_MODEL := models/smollm2-135m-instruct
 PLUGINS := plugins/summarize plugins/translate plugins/classify
+EXAMPLES := examples/sentiment examples/redact
 
 .PHONY: install run test test-fast lint demo-model clean
 
 install: $(VENV)/.installed demo-model .env
 
-$(VENV)/.installed: pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
-	@echo "==> creating $(VENV) (server, plugins, test tools)"
+$(VENV)/.installed: pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS)) $(shell find $(EXAMPLES) -name '*.py' -o -name pyproject.toml)
+	@echo "==> creating $(VENV) (server, built-in plugins, example third-party plugins, test tools)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]' $(addprefix -e ,$(PLUGINS))
+	@# The examples install the way a third party's package would: from their folders, not editable.
+	$(BIN)/pip install -q --force-reinstall --no-deps $(addprefix ./,$(EXAMPLES))
 	@touch $@
 
 # Export tools (torch, optimum) live in their own environment: serving never imports them.

@@ -7,12 +7,11 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPORT_PYTHON = os.environ.get("AI_PLATFORM_EXPORT_PYTHON", str(ROOT / ".cache" / "export-venv" / "bin" / "python"))
-TINY_MODEL_DIR = ROOT / ".cache" / "test-models" / "tiny-qwen2"
 DEMO_MODEL_DIR = Path(os.environ.get("AI_PLATFORM_DEMO_MODEL", ROOT / "models" / "smollm2-135m-instruct"))
 
-CLIENT_KEY = "test-client-key-0123456789"
-ADMIN_KEY = "test-admin-key-0123456789"
+from ai_platform.testing import ADMIN_KEY, CLIENT_KEY, export_python
+
+EXPORT_PYTHON = export_python()
 
 KEY = {"X-API-Key": CLIENT_KEY}
 ADMIN = {"X-API-Key": ADMIN_KEY}

@@ -15,7 +15,7 @@ from litestar.testing import AsyncTestClient
 
 from ai_platform.app import create_app
 from ai_platform.settings import Settings
-from fakes import FakeEngine
+from ai_platform.testing import FakeEngine
 from support import ADMIN, ADMIN_KEY, CLASSIFY, CLIENT_KEY, ISO_UTC, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, assert_meta
 
 pytestmark = pytest.mark.anyio

@@ -13,7 +13,7 @@ import uvicorn
 
 from ai_platform.app import create_app
 from ai_platform.settings import Settings
-from fakes import FakeEngine
+from ai_platform.testing import FakeEngine
 from support import CLIENT_KEY, KEY, SEED_MODELS, SUMMARIZE
 
 pytestmark = pytest.mark.anyio

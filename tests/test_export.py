@@ -25,6 +25,7 @@ REQUIRED_FILES = (
     "chat_template.jinja",
     "model.onnx",
     "export.json",
+    "manifest.json",
 )
 CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 ROUND_TRIP_TEXTS = (
@@ -104,7 +105,8 @@ def test_tiny_graph_takes_and_returns_a_kv_cache(tiny_model_dir: Path) -> None:
     outputs = {arg.name for arg in session.get_outputs()}
     layers = _json(tiny_model_dir, "config.json")["num_hidden_layers"]
     cache = {f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")}
-    assert inputs == {"input_ids", "attention_mask", "position_ids"} | {f"past_key_values.{c}" for c in cache}
+    fixed = {"input_ids", "attention_mask", "position_ids", "num_logits_to_keep"}
+    assert inputs == fixed | {f"past_key_values.{c}" for c in cache}
     assert outputs == {"logits"} | {f"present.{c}" for c in cache}
 
 

@@ -13,7 +13,7 @@ from ai_platform.errors import LimitExceededError
 from ai_platform.settings import Settings
 from ai_platform.usage.database import database
 from ai_platform.usage.limit_service import LimitService
-from fakes import FakeEngine
+from ai_platform.testing import FakeEngine
 from support import ADMIN_KEY, CLIENT_KEY, SEED_MODELS, SUMMARIZE
 
 pytestmark = pytest.mark.anyio
@@ -61,12 +61,12 @@ async def test_reservations_settle_exactly_once_and_days_reset(tmp_path: object)
     clock = _Clock()
     service = LimitService({"summarize": OPERATION}, default_daily_limit=2, clock=clock)
     async with database(f"sqlite://{tmp_path}/limits.sqlite3"):
-        first = await service.admit("summarize")
-        second = await service.admit("summarize")
+        first = await service.admit("summarize", "k1")
+        second = await service.admit("summarize", "k1")
         with pytest.raises(LimitExceededError):
-            await service.admit("summarize")
+            await service.admit("summarize", "k1")
         await service.release(second)  # a failed request gives its place back
-        third = await service.admit("summarize")
+        third = await service.admit("summarize", "k1")
         await service.commit(first, tokens=5)
         await service.commit(third, tokens=7)
         [today] = await service.usage()
@@ -75,7 +75,7 @@ async def test_reservations_settle_exactly_once_and_days_reset(tmp_path: object)
         clock.now = datetime(2026, 1, 2, 0, 0, 1, tzinfo=UTC)  # midnight UTC: a new allowance
         [tomorrow] = await service.usage()
         assert (tomorrow.request_count, tomorrow.remaining) == (0, 2)
-        await service.admit("summarize")
+        await service.admit("summarize", "k1")
 
 
 async def test_timeout_is_504_and_not_counted(env: dict[str, str]) -> None:

@@ -7,18 +7,20 @@ import subprocess
 import sys
 import types
 from importlib.metadata import EntryPoint
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
-from ai_platform import Limits, hookimpl
+from ai_platform import Limits, Message, hookimpl
 from ai_platform.app import create_app
 from ai_platform.errors import ConfigurationError, PluginError
 from ai_platform.plugins import ENTRY_POINT_GROUP, load_plugins
 from ai_platform.settings import Settings
-from fakes import FakeEngine
+from ai_platform.testing import ADMIN_HEADERS, CLIENT_HEADERS, FakeEngine
 from support import CLIENT_KEY
 
 BUILT_INS = {"summarize", "translate", "classify"}
@@ -125,14 +127,14 @@ async def test_disabled_plugin_has_no_route_and_failed_plugin_shows_in_health(en
 
 def test_operation_without_a_model_is_reported(env: dict[str, str]) -> None:
     settings = Settings.from_mapping(env)  # seed map: no entry for "extra", no DEFAULT_MODEL
-    plugins = load_plugins(extra_plugins=[plugin("extra", renamed("extra"))])
+    plugins = load_plugins(enabled=["summarize", "extra"], extra_plugins=[plugin("extra", renamed("extra"))])
     create_app(settings, plugins=plugins, engine=FakeEngine())
     assert "extra" not in plugins.operations
     assert "OPERATION_MODEL_MAP" in (next(p for p in plugins.plugins if p.name == "extra").error or "")
     with pytest.raises(ConfigurationError, match="no model for operation 'extra'"):
         create_app(
             Settings.from_mapping({**env, "STRICT_PLUGINS": "true"}),
-            plugins=load_plugins(extra_plugins=[plugin("extra", renamed("extra"))]),
+            plugins=load_plugins(enabled=["summarize", "extra"], extra_plugins=[plugin("extra", renamed("extra"))]),
             engine=FakeEngine(),
         )
 
@@ -154,3 +156,137 @@ def test_cli_lists_plugins(env: dict[str, str], tmp_path: Path) -> None:
     lines = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
     assert lines["summarize"][1:4] == ["0.1.0", "loaded", "summarize"]
     assert lines["translate"][2] == "disabled"
+
+
+def test_hook_register_operations_receives_its_config_section() -> None:
+    seen: list[object] = []
+    module = types.ModuleType("configured")
+
+    @hookimpl
+    def register_operations(config: dict[str, object]) -> list[object]:
+        seen.append(config)
+        return [renamed("configured_op")]
+
+    module.register_operations = register_operations  # type: ignore[attr-defined]
+    loaded = load_plugins(
+        extra_plugins=[("configured", module)],
+        use_entry_points=False,
+        config={"configured": {"labels": ["a", "b"]}, "other": {"x": 1}},
+    )
+    assert seen == [{"labels": ["a", "b"]}]
+    assert "configured_op" in loaded.operations
+
+
+def test_plugin_secrets_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    name, module = plugin("secretive", renamed("secretive"))
+    monkeypatch.delenv("SECRETIVE_TOKEN", raising=False)
+    config = {"secretive": {"api_token": {"env": "SECRETIVE_TOKEN"}}}
+    loaded = load_plugins(extra_plugins=[(name, module)], use_entry_points=False, config=config)
+    assert "needs the environment variable SECRETIVE_TOKEN" in (loaded.plugins[0].error or "")
+    monkeypatch.setenv("SECRETIVE_TOKEN", "t0ken")
+    assert load_plugins(extra_plugins=[(name, module)], use_entry_points=False, config=config).plugins[0].status == "loaded"
+    literal = {"secretive": {"api_token": "written-in-the-file"}}
+    loaded = load_plugins(extra_plugins=[(name, module)], use_entry_points=False, config=literal)
+    assert "looks secret" in (loaded.plugins[0].error or "")
+
+
+def test_plugins_config_file_is_read(env: dict[str, str], tmp_path: Path) -> None:
+    from ai_platform.plugins import load_configured_plugins
+
+    config = tmp_path / "plugins.toml"
+    config.write_text('[summarize]\nanything = "goes"\n')
+    settings = Settings.from_mapping({**env, "PLUGINS_CONFIG": str(config)})
+    assert set(load_configured_plugins(settings).operations) == BUILT_INS
+    config.write_text("not = [valid")
+    with pytest.raises(ConfigurationError, match="PLUGINS_CONFIG"):
+        load_configured_plugins(settings)
+
+
+def test_incompatible_plugin_api_version_is_refused() -> None:
+    name, module = plugin("future", renamed("future"))
+    module.PLUGIN_API_VERSION = 2  # type: ignore[attr-defined]
+    loaded = load_plugins(extra_plugins=[(name, module)], use_entry_points=False)
+    assert loaded.plugins[0].status == "failed"
+    assert loaded.plugins[0].error == (
+        "built for plugin API version 2; this AI Platform supports plugin API version 1"
+    )
+
+
+@pytest.mark.anyio
+async def test_hook_build_model_call_wrappers_see_and_replace_the_call(platform_client: Any) -> None:
+    import ai_platform_summarize
+
+    module = types.ModuleType("shouting")
+
+    @hookimpl(wrapper=True)
+    def build_model_call(operation: object, request: object) -> Generator[None, Any, Any]:
+        call = yield
+        return dataclasses.replace(call, messages=[Message(m.role, m.content.upper()) for m in call.messages])
+
+    module.build_model_call = build_model_call  # type: ignore[attr-defined]
+    engine = FakeEngine()
+    async with platform_client(("summarize", ai_platform_summarize), ("shouting", module), engine=engine) as client:
+        r = await client.post("/operations/summarize", json={"text": "quiet words"}, headers=CLIENT_HEADERS)
+        assert r.status_code == 200
+    [(_, call)] = engine.calls
+    assert "QUIET WORDS" in call.messages[-1].content
+
+
+@pytest.mark.anyio
+async def test_hook_build_response_wrappers_post_process_and_are_validated(platform_client: Any) -> None:
+    import ai_platform_summarize
+
+    module = types.ModuleType("stamp")
+
+    @hookimpl(wrapper=True)
+    def build_response(operation: object, request: object, result: object, meta: object) -> Generator[None, Any, Any]:
+        response = yield
+        return msgspec.structs.replace(response, summary="stamped")
+
+    module.build_response = build_response  # type: ignore[attr-defined]
+    async with platform_client(("summarize", ai_platform_summarize), ("stamp", module)) as client:
+        r = await client.post("/operations/summarize", json={"text": "a b c"}, headers=CLIENT_HEADERS)
+        assert r.json()["summary"] == "stamped"
+
+
+@pytest.mark.anyio
+async def test_get_operations_and_admin_only_get_plugins(platform_client: Any) -> None:
+    import ai_platform_classify
+
+    async with platform_client(("classify", ai_platform_classify), plugin("broken", ZeroDivisionError)) as client:
+        ops = (await client.get("/operations", headers=CLIENT_HEADERS)).json()["operations"]
+        assert ops == [
+            {
+                "name": "classify",
+                "summary": ai_platform_classify.OPERATION.summary,
+                "path": "/operations/classify",
+                "plugin": "classify",
+                "model": "fake-classify",
+                "max_input_chars": 2000,
+                "max_output_tokens": 64,
+                "schema": "/schema/openapi.json#/paths/~1operations~1classify/post",
+            }
+        ]
+        schema = (await client.get("/schema/openapi.json", headers=CLIENT_HEADERS)).json()
+        assert "requestBody" in schema["paths"]["/operations/classify"]["post"]
+        assert (await client.get("/plugins", headers=CLIENT_HEADERS)).status_code == 403
+        plugins = (await client.get("/plugins", headers=ADMIN_HEADERS)).json()["plugins"]
+        assert [(p["name"], p["status"]) for p in plugins] == [("classify", "loaded"), ("broken", "failed")]
+        assert plugins[0]["hooks"] == ["register_operations"]
+
+
+def test_broken_installed_package_is_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real distribution on sys.path whose plugin module fails to import."""
+    dist = tmp_path / "ai_platform_broken-0.1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ai-platform-broken\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nbroken = ai_platform_broken\n")
+    (tmp_path / "ai_platform_broken.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = load_plugins()
+    broken = next(p for p in loaded.plugins if p.name == "broken")
+    assert (broken.distribution, broken.version, broken.status) == ("ai-platform-broken", "0.1.0", "failed")
+    assert "No module named 'no_such_dependency_xyz'" in (broken.error or "")
+    assert set(loaded.operations) >= BUILT_INS
+    with pytest.raises(PluginError, match="plugin 'broken' failed"):
+        load_plugins(strict=True)

@@ -22,13 +22,15 @@ from ai_platform.api.audit_middleware import AuditMiddleware
 from ai_platform.api.auth import API_KEY_HEADER, KeyRing, api_key_middleware
 from ai_platform.api.errors import EXCEPTION_HANDLERS
 from ai_platform.api.routes_metrics import metrics_route
+from ai_platform.api.routes_plugins import introspection_routes
+from ai_platform.api.routes_quotas import quota_routes
 from ai_platform.api.routes_operations import operation_route, unknown_operation_route
 from ai_platform.api.routes_system import health_route, limit_routes
 from ai_platform.api.validation import validate_body
 from ai_platform.errors import ConfigurationError
 from ai_platform.logging_config import logging_config
 from ai_platform.metrics import PlatformMetrics
-from ai_platform.plugins import LoadedPlugins, load_plugins
+from ai_platform.plugins import LoadedPlugins, load_configured_plugins
 from ai_platform.services.operation_service import OperationService
 from ai_platform.services.orchestration import Engine, OrchestrationService
 from ai_platform.settings import Settings
@@ -49,11 +51,21 @@ class PlatformPlugin(InitPluginProtocol):
         self.settings = settings
         self.plugins = plugins
         self.engine = engine
-        self.limits = LimitService(plugins.operations, default_daily_limit=settings.default_daily_limit)
+        self.limits = LimitService(
+            plugins.operations,
+            default_daily_limit=settings.default_daily_limit,
+            timezone=settings.limit_zone,
+            # A request runs at most its timeout; the margin covers clock skew between servers.
+            lease_seconds=settings.request_timeout_seconds + 60,
+        )
         self.metrics = PlatformMetrics(engine, plugins.operations)
         self.service = OperationService(
             OrchestrationService(
-                plugins.operations, engine, self.limits, timeout_seconds=settings.request_timeout_seconds
+                plugins.operations,
+                engine,
+                self.limits,
+                timeout_seconds=settings.request_timeout_seconds,
+                hooks=plugins,
             )
         )
 
@@ -69,7 +81,9 @@ class PlatformPlugin(InitPluginProtocol):
         app_config.route_handlers.extend(operation_route(op, self.service) for op in self.plugins.operations.values())
         app_config.route_handlers.append(unknown_operation_route(self.service))
         app_config.route_handlers.extend(limit_routes(self.limits))
+        app_config.route_handlers.extend(quota_routes(self.limits, self.settings))
         app_config.route_handlers.append(health_route(self.engine, self.plugins.plugins))
+        app_config.route_handlers.extend(introspection_routes(self.plugins, self.engine))
         app_config.route_handlers.append(metrics_route(self.metrics, self.settings.metrics_access))
 
     def _configure_security(self, app_config: AppConfig) -> None:
@@ -84,6 +98,7 @@ class PlatformPlugin(InitPluginProtocol):
         @asynccontextmanager
         async def lifespan(_: Litestar) -> AsyncIterator[None]:
             async with database(self.settings.database_url):
+                await self.limits.recover()
                 await self.engine.start()
                 try:
                     log.info("%s serving operations: %s", self.settings.app_name, ", ".join(self.plugins.operations))
@@ -137,9 +152,7 @@ def create_app(
 ) -> Litestar:
     """Build the app. Tests pass their own ``plugins`` and a fake ``engine``."""
     if plugins is None:
-        plugins = load_plugins(
-            enabled=settings.enabled_plugins, disabled=settings.disabled_plugins, strict=settings.strict_plugins
-        )
+        plugins = load_configured_plugins(settings)
     models = resolve_models(settings, plugins)
     if engine is None:
         from ai_platform.runtime.engine import InferenceEngine  # heavy import: only when serving

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 import sys
 from pathlib import Path
@@ -49,21 +50,34 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_plugins(args: argparse.Namespace) -> None:
-    from ai_platform.plugins import load_plugins
+    from ai_platform.plugins import describe, load_configured_plugins
 
     settings = _settings()
     try:
-        loaded = load_plugins(
-            enabled=settings.enabled_plugins, disabled=settings.disabled_plugins, strict=settings.strict_plugins
-        )
-    except PluginError as exc:
+        loaded = load_configured_plugins(settings)
+    except (PluginError, ConfigurationError) as exc:
         sys.exit(f"ai-platform: {exc}")
-    rows = [("NAME", "VERSION", "STATUS", "OPERATIONS", "ERROR")]
+    if args.json:
+        print(json.dumps(describe(loaded.plugins), indent=2))
+        return
+    rows = [("NAME", "VERSION", "STATUS", "OPERATIONS", "HOOKS", "ERROR")]
     for p in loaded.plugins:
-        rows.append((p.name, p.version or "-", p.status, ",".join(p.operations) or "-", p.error or ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append(
+            (p.name, p.version or "-", p.status, ",".join(p.operations) or "-", ",".join(p.hooks) or "-", p.error or "")
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)) + "  " + row[5])
+
+
+def cmd_plugins_new(args: argparse.Namespace) -> None:
+    from ai_platform.scaffold import create_plugin
+
+    try:
+        root = create_plugin(args.name, Path(args.dir))
+    except (ValueError, FileExistsError) as exc:
+        sys.exit(f"ai-platform: {exc}")
+    print(f"created {root}\nnext: pip install -e '{root}[test]' && pytest {root}")
 
 
 def cmd_init_env(args: argparse.Namespace) -> None:
@@ -102,8 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     serve.set_defaults(func=cmd_serve)
 
-    plugins = sub.add_parser("plugins", help="list operation plugins and their status")
+    plugins = sub.add_parser("plugins", help="list plugins and their status; `plugins new NAME` scaffolds one")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(func=cmd_plugins)
+    new = plugins.add_subparsers(dest="plugins_command").add_parser("new", help="scaffold a new operation package")
+    new.add_argument("name", help="operation name, e.g. sentiment")
+    new.add_argument("--dir", default=".", help="parent folder (default: current)")
+    new.set_defaults(func=cmd_plugins_new)
 
     init_env = sub.add_parser("init-env", help="write a development .env with generated keys")
     init_env.add_argument("--path", default=".env")

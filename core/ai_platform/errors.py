@@ -18,6 +18,11 @@ class PlatformError(Exception):
         super().__init__(detail)
         self.detail = detail
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that go with this error's response."""
+        return {}
+
 
 class AuthenticationError(PlatformError):
     """Missing, unknown or insufficient API key."""
@@ -43,9 +48,18 @@ class RequestValidationError(PlatformError):
 
 
 class LimitExceededError(PlatformError):
-    """A daily limit is used up."""
+    """A daily limit (of the operation, or of the caller's key) is used up."""
 
     status_code = 429
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self._headers = headers or {}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``X-RateLimit-*`` and ``Retry-After`` (seconds until the limit day ends)."""
+        return self._headers
 
 
 class ServiceUnavailableError(PlatformError):
@@ -57,6 +71,10 @@ class ServiceUnavailableError(PlatformError):
         super().__init__(detail)
         self.retry_after = retry_after
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
 
 class ModelUnavailableError(ServiceUnavailableError):
     """The operation's model is not loaded (missing, corrupt or failed to load)."""
@@ -67,6 +85,13 @@ class ModelUnavailableError(ServiceUnavailableError):
 
 class OverloadedError(ServiceUnavailableError):
     """The model's queue is full."""
+
+
+class DatabaseUnavailableError(ServiceUnavailableError):
+    """The usage database cannot be reached or is locked; nothing was counted."""
+
+    def __init__(self, detail: str, *, retry_after: int = 5) -> None:
+        super().__init__(detail, retry_after=retry_after)
 
 
 class RequestTimeoutError(PlatformError):

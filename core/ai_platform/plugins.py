@@ -1,16 +1,16 @@
 """Plugin loading: the only module that talks to pluggy's plugin manager.
 
-Operation plugins are found through the ``ai_platform.operations`` entry-point
-group (built-ins use the same door as third-party packages). A plugin that
-fails to import, register or validate is logged, skipped and reported in
-``/health`` and ``ai-platform plugins``; with ``STRICT_PLUGINS`` it stops
+Plugins are found through the ``ai_platform.operations`` entry-point group
+(built-ins use the same door as third-party packages). A plugin that fails to
+import, register or validate is logged, skipped and reported in ``/health``,
+``GET /plugins`` and ``ai-platform plugins``; with ``STRICT_PLUGINS`` it stops
 startup instead.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Literal, cast
@@ -19,7 +19,9 @@ import pluggy
 
 from ai_platform import hookspecs
 from ai_platform.errors import PluginError
-from ai_platform.operations import Operation
+from ai_platform.operations import ModelCall, Operation, ResponseMeta
+from ai_platform.plugin_config import read_plugin_config, resolve_section
+from ai_platform.settings import Settings
 
 ENTRY_POINT_GROUP = "ai_platform.operations"
 
@@ -53,11 +55,35 @@ class LoadedPlugins:
     def failed(self) -> list[PluginInfo]:
         return [p for p in self.plugins if p.status == "failed"]
 
+    def build_model_call(self, operation: Operation, request: Any) -> ModelCall:  # type: ignore[type-arg]
+        """The ``build_model_call`` hook: the operation's prompt, as wrapped by plugins."""
+        return cast(ModelCall, self.manager.hook.build_model_call(operation=operation, request=request))
+
+    def build_response(self, operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
+        """The ``build_response`` hook: the operation's response, as wrapped by plugins."""
+        return self.manager.hook.build_response(operation=operation, request=request, result=result, meta=meta)
+
+
+class _CoreHooks:
+    """The core's own implementations, which plugins' wrappers wrap."""
+
+    @hookspecs.hookimpl(trylast=True)
+    def build_model_call(self, operation: Operation, request: Any) -> ModelCall:  # type: ignore[type-arg]
+        return operation.prompt(request)
+
+    @hookspecs.hookimpl(trylast=True)
+    def build_response(self, operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
+        return operation.respond(request, result, meta)
+
+
+CORE_PLUGIN_NAME = "ai_platform.core"
+
 
 def new_plugin_manager() -> pluggy.PluginManager:
     """A fresh manager with the platform's hookspecs (one per app, never module-global)."""
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
+    pm.register(_CoreHooks(), name=CORE_PLUGIN_NAME)
     return pm
 
 
@@ -68,15 +94,17 @@ def load_plugins(
     strict: bool = False,
     extra_plugins: Iterable[tuple[str, object]] = (),
     use_entry_points: bool = True,
+    config: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> LoadedPlugins:
     """Load, register and validate operation plugins.
 
     ``enabled`` (``None`` = all) and ``disabled`` filter by plugin name, which is
     the entry-point name. ``extra_plugins`` are ``(name, module_or_object)``
-    pairs registered in-process, as tests do.
+    pairs registered in-process, as tests do. ``config`` maps plugin names to
+    their configuration sections (see :mod:`ai_platform.plugin_config`).
     """
     pm = new_plugin_manager()
-    loader = _Loader(pm, strict=strict)
+    loader = _Loader(pm, strict=strict, config=config or {})
     candidates: list[tuple[str, EntryPoint | object]] = []
     if use_entry_points:
         candidates.extend((ep.name, ep) for ep in entry_points(group=ENTRY_POINT_GROUP))
@@ -94,9 +122,10 @@ def load_plugins(
 
 
 class _Loader:
-    def __init__(self, pm: pluggy.PluginManager, *, strict: bool) -> None:
+    def __init__(self, pm: pluggy.PluginManager, *, strict: bool, config: Mapping[str, Mapping[str, Any]]) -> None:
         self.pm = pm
         self.strict = strict
+        self.config = config
         self.infos: list[PluginInfo] = []
         self.operations: dict[str, Operation] = {}  # type: ignore[type-arg]
         self._by_name: dict[str, PluginInfo] = {}
@@ -130,9 +159,10 @@ class _Loader:
             return
         try:
             plugin = source.load() if isinstance(source, EntryPoint) else source
+            _check_api_version(plugin)
             self.pm.register(plugin, name=name)
         except Exception as exc:
-            self.fail(info, f"{type(exc).__name__}: {exc}")
+            self.fail(info, str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}")
             return
         info.hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
 
@@ -154,7 +184,10 @@ class _Loader:
         for impl in self.pm.hook.register_operations.get_hookimpls():
             info = self._by_name[impl.plugin_name]
             try:
-                operations: list[Any] = list(cast(Iterable[Any], impl.function()))
+                arguments = {"config": resolve_section(self.config.get(impl.plugin_name, {}))}
+                # Each implementation receives the subset of arguments it asks for (pluggy's rule).
+                kwargs = {name: arguments[name] for name in impl.argnames}
+                operations: list[Any] = list(cast(Iterable[Any], impl.function(**kwargs)))
                 for op in operations:
                     if not isinstance(op, Operation):
                         raise ValueError(f"register_operations returned {type(op).__name__}, not Operation")
@@ -167,6 +200,25 @@ class _Loader:
                 continue
             info.operations = [op.name for op in operations]
             self.operations.update((op.name, op) for op in operations)
+
+
+def _check_api_version(plugin: object) -> None:
+    version = getattr(plugin, "PLUGIN_API_VERSION", hookspecs.PLUGIN_API_VERSION)
+    if version not in hookspecs.SUPPORTED_PLUGIN_API_VERSIONS:
+        supported = ", ".join(map(str, hookspecs.SUPPORTED_PLUGIN_API_VERSIONS))
+        raise PluginError(
+            f"built for plugin API version {version!r}; this AI Platform supports plugin API version {supported}"
+        )
+
+
+def load_configured_plugins(settings: Settings) -> LoadedPlugins:
+    """Load plugins as the settings say (allow/deny lists, strictness, per-plugin configuration)."""
+    return load_plugins(
+        enabled=settings.enabled_plugins,
+        disabled=settings.disabled_plugins,
+        strict=settings.strict_plugins,
+        config=read_plugin_config(settings.plugins_config),
+    )
 
 
 def describe(plugins: Sequence[PluginInfo]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 from dotenv import dotenv_values
@@ -39,6 +40,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_dir: Path = Path("logs")
     default_daily_limit: PositiveInt = 1000
+    limit_timezone: NonEmptyStr = "UTC"
     operation_model_map: dict[str, NonEmptyStr] = msgspec.field(default_factory=lambda: dict(SEED_OPERATION_MODEL_MAP))
     default_model: NonEmptyStr | None = None
     models_dir: Path = Path("models")
@@ -46,6 +48,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     enabled_plugins: list[NonEmptyStr] | None = None
     disabled_plugins: list[NonEmptyStr] = msgspec.field(default_factory=list)
     strict_plugins: bool = False
+    plugins_config: Path | None = None
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
     max_queue_per_model: PositiveInt = 32
     request_timeout_seconds: Annotated[float, msgspec.Meta(gt=0)] = 300.0
@@ -74,6 +77,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
             return msgspec.convert(raw, cls, strict=False, dec_hook=_decode_path)
         except msgspec.ValidationError as exc:
             raise ConfigurationError(_name_setting(str(exc))) from None
+
+    def __post_init__(self) -> None:
+        try:
+            ZoneInfo(self.limit_timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigurationError(f"LIMIT_TIMEZONE: unknown time zone {self.limit_timezone!r}") from None
+
+    @property
+    def limit_zone(self) -> ZoneInfo:
+        """The time zone whose midnight starts a new limit day."""
+        return ZoneInfo(self.limit_timezone)
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with every secret masked, safe to log."""

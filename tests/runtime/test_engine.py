@@ -52,13 +52,13 @@ class SlowForward:
         monkeypatch.setattr(OnnxDecoder, "forward", self)
 
     def __get__(self, decoder: OnnxDecoder, owner: type) -> object:
-        return lambda *args: self(decoder, *args)
+        return lambda *args, **kwargs: self(decoder, *args, **kwargs)
 
-    def __call__(self, decoder: OnnxDecoder, *args: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+    def __call__(self, decoder: OnnxDecoder, *args: Any, **kwargs: Any) -> tuple[np.ndarray, list[np.ndarray]]:
         self.calls += 1
         start = time.monotonic()
         time.sleep(self._delay)
-        logits, present = self._forward(decoder, *args)
+        logits, present = self._forward(decoder, *args, **kwargs)
         logits[..., self._eos] = -np.inf
         self.windows.append((start, time.monotonic()))
         return logits, present
@@ -210,4 +210,22 @@ async def test_corrupt_model_is_reported_not_raised(models_dir: Path, tiny_model
     assert status["summarize"].loaded
     assert not status["broken"].loaded
     assert status["broken"].error is not None and status["broken"].error.startswith("failed to load: ")
+    await engine.close()
+
+
+async def test_folder_that_differs_from_its_manifest_is_not_loaded(models_dir: Path, tiny_model_dir: Path) -> None:
+    assert (tiny_model_dir / "manifest.json").is_file()
+    copy = models_dir / "edited"
+    copy.mkdir()
+    for path in tiny_model_dir.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    config = copy / "generation_config.json"
+    config.write_bytes(config.read_bytes().replace(b"{", b"{ ", 1))  # same meaning, different bytes
+    engine = InferenceEngine(models_dir, {"summarize": "tiny", "edited": "edited"}, execution_provider="cpu")
+    await engine.start()
+    status = {s.operation: s for s in engine.status()}
+    assert status["summarize"].loaded and status["summarize"].queue_depth == 0
+    assert not status["edited"].loaded
+    assert status["edited"].error is not None and "generation_config.json" in status["edited"].error
+    assert "manifest.json" in status["edited"].error
     await engine.close()

@@ -49,8 +49,9 @@ def prompt(tiny_model: LanguageModel) -> list[int]:
 
 @pytest.mark.parametrize("prefill_chunk", [generation.PREFILL_CHUNK, 7])
 def test_kv_cache_greedy_matches_full_recompute(
-    tiny_model: LanguageModel, prompt: list[int], prefill_chunk: int, monkeypatch: pytest.MonkeyPatch
+    any_model: LanguageModel, prompt: list[int], prefill_chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    tiny_model = any_model  # both tiny models share the tokenizer, so `prompt` fits either
     assert len(prompt) > 7
     monkeypatch.setattr(generation, "PREFILL_CHUNK", prefill_chunk)
     result = greedy_generate(tiny_model.decoder, prompt, max_new_tokens=40, eos_ids=())
@@ -96,8 +97,9 @@ def test_should_stop_cancels_between_steps(tiny_model: LanguageModel, prompt: li
 
 
 def test_batched_option_scores_equal_scoring_each_alone(
-    tiny_model: LanguageModel, monkeypatch: pytest.MonkeyPatch
+    any_model: LanguageModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    tiny_model = any_model
     options = ["billing", "technical support", "a", "Hello world! How are you today?", "12345"]
     prompt, answers = tiny_model.encode_choice(MESSAGES, options)
     assert all(answer[-1] == tiny_model.end_of_turn_id for answer in answers)

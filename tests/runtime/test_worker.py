@@ -59,6 +59,7 @@ async def test_full_queue_raises_overloaded() -> None:
         await blocker.wait_started()
         tg.start_soon(run, "waiting", lambda should_stop: "ok")
         await anyio.sleep(0.01)
+        assert worker.queue_depth == 2  # one running, one waiting
         with pytest.raises(OverloadedError, match="1 requests are already waiting"):
             await worker.run(lambda should_stop: "rejected")
         blocker.release.set()

@@ -1,4 +1,4 @@
-"""Audit middleware: times every request and records it once, whatever its outcome."""
+"""Audit middleware: times every request and records it once (audit trail and metrics), whatever its outcome."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 from ai_platform.api.auth import Principal
 from ai_platform.api.errors import status_for
+from ai_platform.metrics import PlatformMetrics
 from ai_platform.usage import audit
 
 
@@ -18,6 +19,9 @@ class AuditMiddleware(ASGIMiddleware):
     """Outermost route middleware, so it also sees requests refused by authentication."""
 
     scopes = ("http",)  # type: ignore[assignment]
+
+    def __init__(self, metrics: PlatformMetrics) -> None:
+        self.metrics = metrics
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         started = time.perf_counter()
@@ -35,18 +39,29 @@ class AuditMiddleware(ASGIMiddleware):
             status = status_for(exc)  # answered by the app-level exception handler after us
             raise
         finally:
+            duration_s = time.perf_counter() - started
             state = scope.get("state", {})
             user = scope.get("user")
+            operation = scope["route_handler"].opt.get("operation")
+            tokens = state.get("output_tokens", 0)
+            self.metrics.observe(
+                operation=operation,
+                route=scope.get("path_template", ""),
+                method=cast(HTTPScope, scope)["method"],
+                status=status,
+                duration_s=duration_s,
+                tokens=tokens,
+            )
             await audit.record(
                 audit.AuditEntry(
                     timestamp=datetime.now(UTC),
                     request_id=state.get("request_id"),
                     method=cast(HTTPScope, scope)["method"],
                     path=scope["path"][:256],
-                    operation=scope["route_handler"].opt.get("operation"),
+                    operation=operation,
                     key_id=user.key_id if isinstance(user, Principal) else None,
                     status=status,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                    output_tokens=state.get("output_tokens", 0),
+                    duration_ms=round(duration_s * 1000, 2),
+                    output_tokens=tokens,
                 )
             )

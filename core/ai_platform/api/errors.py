@@ -1,8 +1,9 @@
 """The one place where exceptions become HTTP responses, in the seed's wire format.
 
 422: ``{"error": "Request validation failed.", "detail": [...]}``; every other
-error: ``{"detail": "..."}``. 503s carry ``Retry-After``. Unknown exceptions
-become a 500 whose body says nothing about the cause.
+error: ``{"detail": "..."}`` with the error's own headers (503s and 429s carry
+``Retry-After``). Unknown exceptions become a 500 whose body says nothing
+about the cause.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
-from ai_platform.errors import PlatformError, RequestValidationError, ServiceUnavailableError
+from ai_platform.errors import PlatformError, RequestValidationError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,7 @@ def status_for(exc: BaseException) -> int:
 def platform_error(request: Request[Any, Any, Any], exc: PlatformError) -> Response[Any]:
     if isinstance(exc, RequestValidationError):
         return _json(422, {"error": VALIDATION_MESSAGE, "detail": exc.errors})
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ServiceUnavailableError) else None
-    return _json(exc.status_code, {"detail": exc.detail}, headers)
+    return _json(exc.status_code, {"detail": exc.detail}, exc.headers or None)
 
 
 def validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:

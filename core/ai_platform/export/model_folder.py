@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 STAMP = "export.json"
+# Read by the runtime (ai_platform.runtime.manifest), which refuses a folder that differs from it.
+MANIFEST = "manifest.json"
 REQUIRED_FILES = (
     "config.json",
     "generation_config.json",
@@ -19,6 +22,7 @@ REQUIRED_FILES = (
     "chat_template.jinja",
     "model.onnx",
     STAMP,
+    MANIFEST,
 )
 
 
@@ -42,6 +46,19 @@ def write_stamp(folder: Path, recipe: str, version: str, details: dict[str, Any]
     # One key per line, values compact: token id lists stay readable.
     lines = (f"  {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}" for key, value in stamp.items())
     (folder / STAMP).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
+def write_manifest(folder: Path) -> None:
+    """List every file of ``folder`` with its size and sha256 (written last: it covers the stamp too)."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != MANIFEST:
+            digest = hashlib.sha256()
+            with path.open("rb") as file:
+                while chunk := file.read(1 << 20):
+                    digest.update(chunk)
+            files[path.name] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
 
 
 def staging_dir(folder: Path) -> Path:

@@ -1,7 +1,8 @@
-"""Builds a recipe into a model folder: Hugging Face checkpoint → ONNX → validation → publish."""
+"""Builds a recipe into a model folder: Hugging Face checkpoint → ONNX → validation → manifest → publish."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -13,9 +14,12 @@ from ai_platform.export.model_folder import (
     missing_files,
     publish,
     staging_dir,
+    write_manifest,
     write_stamp,
 )
 from ai_platform.export.progress import Progress
+
+FORMATS = ("optimum", "genai")
 
 
 @dataclass(frozen=True)
@@ -24,11 +28,34 @@ class Recipe:
 
     ``prepare`` writes a Hugging Face folder (weights, tokenizer, chat template) under the work dir
     it is given and returns it. Bump ``version`` whenever the output changes, so old folders are rebuilt.
+    ``format`` picks the exporter: ``optimum`` (fp32, standard ops) or ``genai`` (onnxruntime-genai's
+    builder, run by ``genai_python``: fused attention, fp32 or int4 weights).
     """
 
     name: str
     version: str
     prepare: Callable[[Path, Progress], Path]
+    format: str = "optimum"
+    precision: str = "fp32"
+    genai_python: str | None = None
+
+
+def _export(recipe: Recipe, hf_dir: Path, staging: Path, work: Path) -> tuple[str, dict[str, str]]:
+    """Run the recipe's exporter; returns the graph's file name and the tool versions."""
+    from ai_platform.export.onnx_export import export_onnx, tool_versions
+
+    if recipe.format == "optimum":
+        if recipe.precision != "fp32":
+            raise ValueError("the optimum path exports fp32 only; use --format genai for int4")
+        export_onnx(hf_dir, staging)
+        return "model.onnx", tool_versions()
+    if recipe.format != "genai" or recipe.genai_python is None:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)} (genai needs genai_python)")
+    from ai_platform.export.genai_builder import builder_versions, export_genai
+
+    export_genai(hf_dir, staging, recipe.precision, recipe.genai_python, work / "builder-cache")
+    filename = json.loads((staging / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+    return str(filename), {**tool_versions(), **builder_versions(recipe.genai_python)}
 
 
 def build(recipe: Recipe, out: Path, work_root: Path) -> None:
@@ -38,27 +65,38 @@ def build(recipe: Recipe, out: Path, work_root: Path) -> None:
         if is_current(out, recipe.name, recipe.version):
             progress.note(f"{out} is up to date ({recipe.name} {recipe.version})")
             return
-        progress.note(f"building {recipe.name} {recipe.version} into {out}")
+        progress.note(f"building {recipe.name} {recipe.version} ({recipe.format}, {recipe.precision}) into {out}")
         # Imported only now: torch alone takes seconds, and an up-to-date check must not pay for it.
         with progress.step("imported torch, transformers and optimum"):
-            from ai_platform.export.onnx_export import export_onnx, tool_versions
+            from ai_platform.export.logits import keep_last_logits
             from ai_platform.export.validate import compare_greedy
 
         work = work_root / recipe.name
         staging = staging_dir(out)
         for leftover in (work, staging):
             shutil.rmtree(leftover, ignore_errors=True)
+        work.mkdir(parents=True)
 
         hf_dir = recipe.prepare(work, progress)
-        with progress.step("exported ONNX with optimum"):
-            export_onnx(hf_dir, staging)
+        with progress.step(f"exported ONNX with {recipe.format}"):
+            model_file, versions = _export(recipe, hf_dir, staging, work)
+        with progress.step("added the num_logits_to_keep input"):
+            if not keep_last_logits(staging / model_file):
+                progress.note("  lm_head not recognised: the graph keeps full logits")
         with progress.step("validated ONNX greedy decoding against torch"):
-            answer, logit_diff = compare_greedy(hf_dir, staging)
+            answer, logit_diff = compare_greedy(hf_dir, staging, model_file, exact=recipe.precision == "fp32")
         progress.note(f"  prompt ids {answer.prompt_ids}")
         progress.note(f"  greedy ids {answer.greedy_ids}, max |logit diff| {logit_diff:.2e}")
 
-        details = {"built_with": tool_versions(), "validation": asdict(answer)}
+        details = {
+            "format": recipe.format,
+            "precision": recipe.precision,
+            "built_with": versions,
+            "validation": {**asdict(answer), "max_logit_diff": logit_diff},
+        }
         write_stamp(staging, recipe.name, recipe.version, details)
+        with progress.step("wrote the sha256 manifest"):
+            write_manifest(staging)
         if missing := missing_files(staging):
             raise RuntimeError(f"export of {recipe.name} lacks {', '.join(missing)}")
         publish(staging, out)

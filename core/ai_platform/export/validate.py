@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,21 +30,22 @@ class KnownAnswer:
     greedy_ids: list[int]
 
 
-def compare_greedy(hf_dir: Path, onnx_dir: Path) -> tuple[KnownAnswer, float]:
+def compare_greedy(hf_dir: Path, onnx_dir: Path, model_file: str, *, exact: bool) -> tuple[KnownAnswer, float]:
     """Greedy-decode a chat prompt with torch and with the ONNX graph (each through its KV cache).
 
-    Returns the answer and the largest logit difference; raises ``ValidationFailed`` unless both
-    pick the same tokens with nearly the same logits.
+    Returns the answer and the largest logit difference. With ``exact`` (fp32 exports), raises
+    ``ValidationFailed`` unless both pick the same tokens with nearly the same logits; quantized
+    exports drift by design, so for them only the first token must agree.
     """
     tokenizer = AutoTokenizer.from_pretrained(onnx_dir)  # the tokenizer that ships, not the source one
     prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     prompt_ids: list[int] = tokenizer(prompt)["input_ids"]
     expected, expected_logits = _torch_greedy(hf_dir, prompt_ids)
-    actual, actual_logits = _onnx_greedy(onnx_dir / "model.onnx", prompt_ids)
-    if actual != expected:
-        raise ValidationFailed(f"ONNX greedy ids {actual} differ from torch's {expected}, prompt {prompt_ids}")
+    actual, actual_logits = _onnx_greedy(onnx_dir / model_file, prompt_ids)
     diff = float(np.abs(expected_logits - actual_logits).max())
-    if diff > LOGIT_TOLERANCE:
+    if (actual if exact else actual[:1]) != (expected if exact else expected[:1]):
+        raise ValidationFailed(f"ONNX greedy ids {actual} differ from torch's {expected}, prompt {prompt_ids}")
+    if exact and diff > LOGIT_TOLERANCE:
         raise ValidationFailed(f"ONNX logits differ from torch's by {diff:.2e} (tolerance {LOGIT_TOLERANCE})")
     return KnownAnswer(MESSAGES, prompt_ids, actual), diff
 
@@ -66,12 +68,16 @@ def _torch_greedy(hf_dir: Path, prompt_ids: list[int]) -> tuple[list[int], np.nd
 def _onnx_greedy(model_path: Path, prompt_ids: list[int]) -> tuple[list[int], np.ndarray]:
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     output_names = [output.name for output in session.get_outputs()]
-    # Past inputs are [batch, kv_heads, past_len, head_dim] with heads and head_dim fixed in the graph.
+    # Past inputs are [batch, kv_heads, past_len, head_dim]; builder graphs leave head_dim symbolic.
+    config = json.loads((model_path.parent / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    kv_shape = (1, config.get("num_key_value_heads") or heads, 0, config.get("head_dim") or config["hidden_size"] // heads)
     past = {
-        arg.name: np.zeros((1, arg.shape[1], 0, arg.shape[3]), dtype=np.float32)
+        arg.name: np.zeros(kv_shape, dtype=np.float32)
         for arg in session.get_inputs()
         if arg.name.startswith("past_key_values.")
     }
+    names = {arg.name for arg in session.get_inputs()}
     fresh, length = prompt_ids, 0
     tokens, steps = [], []
     for _ in range(NEW_TOKENS):
@@ -79,9 +85,12 @@ def _onnx_greedy(model_path: Path, prompt_ids: list[int]) -> tuple[list[int], np
         feeds = {
             "input_ids": np.array([fresh], dtype=np.int64),
             "attention_mask": np.ones((1, length), dtype=np.int64),
-            "position_ids": np.arange(length - len(fresh), length, dtype=np.int64)[None],
             **past,
         }
+        if "position_ids" in names:  # builder graphs derive positions from the mask
+            feeds["position_ids"] = np.arange(length - len(fresh), length, dtype=np.int64)[None]
+        if "num_logits_to_keep" in names:
+            feeds["num_logits_to_keep"] = np.array(1, dtype=np.int64)
         outputs = dict(zip(output_names, session.run(None, feeds), strict=True))
         logits = outputs["logits"][0, -1]
         past = {

@@ -12,7 +12,9 @@ from pathlib import Path
 from ai_platform.errors import ConfigurationError, ModelUnavailableError
 from ai_platform.operations import Choice, Choose, Completion, Generate
 from ai_platform.runtime.model import LanguageModel
+from ai_platform.runtime.kv_batch import new_batch
 from ai_platform.runtime.onnx_model import EXECUTION_PROVIDERS
+from ai_platform.runtime.scheduler import ContinuousBatch
 from ai_platform.runtime.worker import ModelWorker
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ class ModelStatus:
     loaded: bool
     provider: str | None  # execution provider the session actually uses
     error: str | None  # why it is not loaded
+    queue_depth: int = 0  # requests waiting or running on this model (shared by its operations)
 
 
 @dataclass
@@ -42,7 +45,8 @@ class _Slot:
 class InferenceEngine:
     """Serves :class:`Generate` and :class:`Choose` calls on each operation's local ONNX model.
 
-    Every distinct model folder is loaded once and gets its own worker thread;
+    Every distinct model folder is loaded once and gets its own worker thread,
+    where concurrent generations share decode steps (up to ``max_batch`` sequences);
     a model that fails to load is reported by :meth:`status` and makes its
     operations raise :class:`ModelUnavailableError`, while others keep working.
     """
@@ -55,12 +59,15 @@ class InferenceEngine:
         execution_provider: str = "auto",
         max_queue: int = 32,
         intra_op_threads: int | None = None,
+        max_batch: int = 16,
     ) -> None:
         if execution_provider not in EXECUTION_PROVIDERS:
             choices = ", ".join(EXECUTION_PROVIDERS)
             raise ConfigurationError(f"execution provider must be one of {choices}, not {execution_provider!r}")
         if max_queue < 1:
             raise ConfigurationError(f"max_queue must be at least 1, not {max_queue}")
+        if max_batch < 1:
+            raise ConfigurationError(f"max_batch must be at least 1, not {max_batch}")
         if intra_op_threads is not None and intra_op_threads < 1:
             raise ConfigurationError(f"intra_op_threads must be at least 1, not {intra_op_threads}")
         self._models_dir = models_dir
@@ -68,6 +75,7 @@ class InferenceEngine:
         self._execution_provider = execution_provider
         self._max_queue = max_queue
         self._intra_op_threads = intra_op_threads
+        self._max_batch = max_batch
         self._slots = {operation: _Slot() for operation in self._operation_models}
         self._started = False
 
@@ -102,7 +110,8 @@ class InferenceEngine:
             else:
                 seconds = time.perf_counter() - started
                 logger.info("loaded model %s from %s on %s in %.1f s", folder, path, model.provider, seconds)
-                return _Slot(model=model, worker=ModelWorker(folder, self._max_queue), error=None)
+                batch = ContinuousBatch(new_batch(model.decoder), self._max_batch)
+                return _Slot(model=model, worker=ModelWorker(folder, self._max_queue, batch), error=None)
         logger.error("model %s at %s is not available: %s", folder, path, error)
         return _Slot(error=error)
 
@@ -127,6 +136,7 @@ class InferenceEngine:
                     loaded=slot.model is not None,
                     provider=slot.model.provider if slot.model is not None else None,
                     error=slot.error,
+                    queue_depth=slot.worker.queue_depth if slot.worker is not None else 0,
                 )
             )
         return statuses
@@ -150,7 +160,8 @@ class InferenceEngine:
         if call.max_output_tokens is not None:
             max_output_tokens = min(max_output_tokens, call.max_output_tokens)
         prompt = await asyncio.to_thread(model.encode_prompt, call.messages)
-        return await worker.run(lambda should_stop: model.generate(prompt, max_output_tokens, should_stop))
+        generated = await worker.generate(prompt, model.budget(prompt, max_output_tokens), model.eos_ids)
+        return model.completion(generated)
 
     async def choose(self, operation: str, call: Choose) -> Choice:
         """Probabilities of ``call.options`` as the model's complete answer to ``call.messages``."""

@@ -9,10 +9,10 @@ import numpy as np
 
 from ai_platform.runtime.onnx_model import OnnxDecoder
 
-# Prompt tokens per prefill pass. The graph returns full-vocabulary logits for
-# every input position, so an unchunked long prompt would need
-# prompt_len x vocab floats at once (gigabytes for a 150k vocabulary);
-# chunks bound that and let a cancelled call stop between them.
+# Prompt tokens per prefill pass. Graphs exported without ``num_logits_to_keep``
+# return full-vocabulary logits for every input position, so an unchunked long
+# prompt would need prompt_len x vocab floats at once (gigabytes for a 150k
+# vocabulary); chunks bound that and let a cancelled call stop between them.
 PREFILL_CHUNK = 512
 
 # Rows per batched forward pass when scoring options; bounds the memory of the
@@ -61,6 +61,7 @@ def prefill(
             _ones(end),
             np.arange(start, end, dtype=np.int64)[None],
             past,
+            keep_logits=1,
         )
     last: np.ndarray = logits[0, -1]  # only the last position predicts a new token
     return last, past
@@ -100,6 +101,7 @@ def greedy_generate(
             _ones(position + 1),
             np.asarray([[position]], dtype=np.int64),
             past,
+            keep_logits=1,
         )
         logits = step_logits[0, -1]
 
@@ -114,8 +116,10 @@ def score_options(
     """log P(option | prompt) for each option's token ids (each ends with the end-of-turn token).
 
     The prompt is prefilled once; the options then run as right-padded batches
-    that reuse its KV cache. Right padding is safe: under causal attention no
-    real token attends to a pad after it, and pads' own outputs are ignored.
+    that reuse its KV cache. The pads are fed as ordinary tokens (mask 1): under
+    causal attention no real token attends to a pad after it, pads' own outputs
+    are ignored, and fused attention, which reads each row's length from its
+    mask, sees every row as the same length.
     """
     if not options or any(len(option) == 0 for option in options):
         raise ValueError("every option needs at least one token")
@@ -123,24 +127,25 @@ def score_options(
     last, past = prefill(model, prompt, should_stop)
     first = _log_softmax(last)
     totals = [float(first[option[0]]) for option in options]
-    for start in range(0, len(options), MAX_OPTION_BATCH):
+    # GroupQueryAttention takes several new tokens on top of a past only for one row at a time.
+    rows_per_pass = 1 if model.fused_attention else MAX_OPTION_BATCH
+    for start in range(0, len(options), rows_per_pass):
         if should_stop():
             raise GenerationCancelled
-        chunk = options[start : start + MAX_OPTION_BATCH]
+        chunk = options[start : start + rows_per_pass]
         # Feed every option token but the last; position j predicts token j + 1.
         width = max(len(option) for option in chunk) - 1
         if width == 0:
             continue
         rows = len(chunk)
         input_ids = np.zeros((rows, width), dtype=np.int64)
-        attention_mask = np.zeros((rows, length + width), dtype=np.int64)
-        attention_mask[:, :length] = 1
         for row, option in enumerate(chunk):
             input_ids[row, : len(option) - 1] = option[:-1]
-            attention_mask[row, length : length + len(option) - 1] = 1
         positions = np.broadcast_to(np.arange(length, length + width, dtype=np.int64), (rows, width))
         batch_past = [np.repeat(layer, rows, axis=0) for layer in past]
-        logits, _ = model.forward(input_ids, attention_mask, np.ascontiguousarray(positions), batch_past)
+        logits, _ = model.forward(
+            input_ids, _ones(length + width).repeat(rows, axis=0), np.ascontiguousarray(positions), batch_past
+        )
         for row, option in enumerate(chunk):
             steps = len(option) - 1
             log_probs = _log_softmax(logits[row, :steps])

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ai_platform.errors import RequestValidationError
 from ai_platform.operations import Choice, Completion, Message
-from ai_platform.runtime.generation import greedy_generate, score_options
+from ai_platform.runtime.generation import Generated, score_options
+from ai_platform.runtime.manifest import verify_manifest
 from ai_platform.runtime.onnx_model import OnnxDecoder
 from ai_platform.runtime.tokenizer import ChatTokenizer
 
@@ -40,13 +41,28 @@ class LanguageModel:
 
     @classmethod
     def load(cls, folder: Path, *, execution_provider: str, intra_op_threads: int | None) -> LanguageModel:
-        """Load a model folder (config.json, generation_config.json, tokenizer files, model.onnx)."""
-        model_file = folder / "model.onnx"
+        """Load a model folder (config.json, generation_config.json, tokenizer files, the ONNX graph).
+
+        A folder with ``genai_config.json`` holds an onnxruntime-genai builder graph (fused
+        attention; its file name is in that config); otherwise ``model.onnx`` is an optimum export.
+        A folder with ``manifest.json`` must match it (``ManifestMismatch`` otherwise).
+        """
+        verify_manifest(folder)
+        genai_config = folder / "genai_config.json"
+        fused = genai_config.is_file()
+        name = "model.onnx"
+        if fused:
+            name = json.loads(genai_config.read_text(encoding="utf-8"))["model"]["decoder"].get("filename", name)
+        model_file = folder / name
         if not model_file.is_file():
-            raise FileNotFoundError("model.onnx not found in the model folder")
+            raise FileNotFoundError(f"{name} not found in the model folder")
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         decoder = OnnxDecoder(
-            model_file, config, execution_provider=execution_provider, intra_op_threads=intra_op_threads
+            model_file,
+            config,
+            execution_provider=execution_provider,
+            intra_op_threads=intra_op_threads,
+            fused_attention=fused,
         )
         return cls(ChatTokenizer.from_folder(folder), decoder, _eos_ids(folder / "generation_config.json"))
 
@@ -92,11 +108,12 @@ class LanguageModel:
         self._check_fits(len(prompt), max(len(answer) for answer in answers))
         return prompt, answers
 
-    def generate(self, prompt: list[int], max_new_tokens: int, should_stop: Callable[[], bool]) -> Completion:
-        """Greedy completion of an encoded prompt."""
-        result = greedy_generate(
-            self.decoder, prompt, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, should_stop=should_stop
-        )
+    def budget(self, prompt: Sequence[int], max_new_tokens: int) -> int:
+        """New tokens ``prompt`` may get: the token limit, or the context left if that is less."""
+        return max(0, min(max_new_tokens, self.decoder.max_positions - len(prompt)))
+
+    def completion(self, result: Generated) -> Completion:
+        """The :class:`Completion` for generated token ids."""
         return Completion(
             text=self.tokenizer.decode(result.tokens).strip(),
             output_tokens=len(result.tokens),

@@ -11,7 +11,7 @@ from typing import Any
 
 from ai_platform.errors import NotFoundError
 from ai_platform.operations import Operation
-from ai_platform.services.orchestration import OrchestrationService
+from ai_platform.services.orchestration import OrchestrationService, Outcome
 
 
 class OperationService:
@@ -29,6 +29,6 @@ class OperationService:
             available = ", ".join(sorted(self._orchestration.operations)) or "none"
             raise NotFoundError(f"Unknown operation '{name}'. Available operations: {available}.") from None
 
-    async def execute(self, name: str, request: Any) -> tuple[Any, int]:
-        """Run operation ``name`` on a validated request; return ``(response, output_tokens)``."""
-        return await self._orchestration.run(self.get(name), request)
+    async def execute(self, name: str, request: Any, *, key_id: str) -> Outcome:
+        """Run operation ``name`` on a validated request for the caller with key id ``key_id``."""
+        return await self._orchestration.run(self.get(name), request, key_id=key_id)

@@ -2,7 +2,8 @@
 
 One request flows: input limits (before any model work) → atomic admission
 against the daily limit → the plugin's prompt → the runtime → the plugin's
-response. A request is counted once if and only if it returns a response.
+response. A request is counted once if and only if it returns a response: its
+reservation is committed last, and given back if anything before fails.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -18,7 +20,7 @@ import msgspec
 
 from ai_platform.errors import OperationError, PlatformError, RequestTimeoutError, RequestValidationError
 from ai_platform.operations import Choice, Choose, Completion, Generate, Operation, ResponseMeta
-from ai_platform.usage.limit_service import LimitService
+from ai_platform.usage.limit_service import LimitService, RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,15 @@ class DirectExecution:
         return operation.respond(request, result, meta)
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """A served request: its response, its cost, and the caller's limit after it."""
+
+    response: Any
+    output_tokens: int
+    rate_limit: RateLimit
+
+
 def iso_timestamp(moment: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and a ``Z``, as in the seed (``2025-01-15T10:30:00.000Z``)."""
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -80,13 +91,13 @@ class OrchestrationService:
         self.hooks: ExecutionHooks = hooks or DirectExecution()
         self._clock = clock
 
-    async def run(self, operation: Operation, request: Any) -> tuple[Any, int]:  # type: ignore[type-arg]
-        """Execute one validated request; return ``(response, output_tokens)``."""
+    async def run(self, operation: Operation, request: Any, *, key_id: str) -> Outcome:  # type: ignore[type-arg]
+        """Execute one validated request for the caller with key id ``key_id``."""
         started = time.perf_counter()
         input_text = operation.input_text(request)
         self._check_input(operation, input_text)
         call = self._plugin_step(operation, "prompt", self.hooks.build_model_call, operation, request)
-        reservation = await self.limits.admit(operation.name)
+        reservation = await self.limits.admit(operation.name, key_id)
         try:
             try:
                 async with asyncio.timeout(self.timeout_seconds):
@@ -103,12 +114,12 @@ class OrchestrationService:
                 timestamp=iso_timestamp(self._clock()),
             )
             response = self._plugin_step(operation, "respond", self._respond, operation, request, result, meta)
+            await self.limits.commit(reservation, tokens=result.output_tokens)
         except BaseException:
-            # Failed, cancelled (client gone) or timed out: not a served request.
+            # Failed, cancelled (client gone), timed out or not recorded: not a served request.
             await self.limits.release(reservation)
             raise
-        await self.limits.commit(reservation, tokens=result.output_tokens)
-        return response, result.output_tokens
+        return Outcome(response, result.output_tokens, reservation.rate_limit)
 
     @staticmethod
     def _check_input(operation: Operation, text: str) -> None:  # type: ignore[type-arg]

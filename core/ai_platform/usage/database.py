@@ -1,16 +1,69 @@
-"""Database lifecycle: Tortoise ORM init/close and schema creation."""
+"""Database lifecycle: Tortoise ORM init/close, schema migrations, failure translation.
+
+SQLite (one host) and PostgreSQL (several servers) are both supported through
+``DATABASE_URL``. The schema is managed by Tortoise's built-in migrations
+(``ai_platform.usage.migrations``), applied at startup under a lock so that
+several workers or servers starting together migrate exactly once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import functools
 import os
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
-from tortoise import Tortoise
+import asyncpg
+from tortoise import Tortoise, connections
+from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.context import TortoiseContext
+from tortoise.exceptions import BaseORMException
+from tortoise.migrations.executor import MigrationExecutor, MigrationTarget
+from tortoise.migrations.recorder import MigrationRecorder
+
+from ai_platform.errors import DatabaseUnavailableError
 
 MODELS_MODULE = "ai_platform.usage.models"
+MIGRATIONS_MODULE = "ai_platform.usage.migrations"
+APPS = {"models": {"models": [MODELS_MODULE], "migrations": MIGRATIONS_MODULE, "default_connection": "default"}}
+# The schema that ``generate_schemas`` created before migrations existed.
+BASELINE = MigrationTarget(app_label="models", name="0001_initial")
+# Any stable 64-bit number: the PostgreSQL advisory lock that serialises migrations.
+PG_MIGRATION_LOCK = 0x41_49_50_4C_41_54  # "AIPLAT"
+# Writers wait for each other this long before SQLite reports "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    BaseORMException,
+    OSError,
+    TimeoutError,
+    sqlite3.Error,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translate_errors(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn a failing database into :class:`DatabaseUnavailableError` (503), never a crash or a bare 500."""
+
+    @functools.wraps(function)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await function(*args, **kwargs)
+        except DatabaseUnavailableError:
+            raise
+        except DATABASE_ERRORS as exc:
+            raise DatabaseUnavailableError("The usage database is unavailable; try again shortly.") from exc
+
+    return wrapper
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -20,22 +73,79 @@ def _sqlite_path(url: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
+def connection_url(url: str) -> str:
+    """``url`` with the SQLite busy timeout set unless the URL sets its own (Tortoise passes params as pragmas)."""
+    if not url.startswith("sqlite://") or "busy_timeout=" in url:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}busy_timeout={SQLITE_BUSY_TIMEOUT_MS}"
+
+
+def _create_private(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+@asynccontextmanager
+async def _migration_lock(url: str, client: BaseDBAsyncClient) -> AsyncIterator[None]:
+    """Hold a lock shared by every process using this database while migrating."""
+    sqlite_file = _sqlite_path(url)
+    if sqlite_file is not None:
+        lock_file = sqlite_file.with_name(sqlite_file.name + ".migrate-lock")
+        _create_private(lock_file)
+        fd = os.open(lock_file, os.O_RDWR)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+    elif client.capabilities.dialect == "postgres":
+        # Session-level lock on one pooled connection; migrations run on others.
+        async with client.acquire_connection() as raw:
+            await raw.execute(f"SELECT pg_advisory_lock({PG_MIGRATION_LOCK})")
+            try:
+                yield
+            finally:
+                await raw.execute(f"SELECT pg_advisory_unlock({PG_MIGRATION_LOCK})")
+    else:
+        yield
+
+
+async def _is_unmigrated_legacy(client: BaseDBAsyncClient) -> bool:
+    """A database created by ``generate_schemas`` before migrations: tables present, nothing recorded."""
+    if await MigrationRecorder(client).applied_migrations():
+        return False
+    try:
+        await client.execute_query("SELECT COUNT(*) FROM daily_usage")
+    except DATABASE_ERRORS:
+        return False
+    return True
+
+
+async def migrate(url: str) -> None:
+    """Bring the open database's schema up to date, in place (legacy databases are adopted first)."""
+    client = connections.get("default")
+    async with _migration_lock(url, client):
+        if await _is_unmigrated_legacy(client):
+            await MigrationExecutor(client, APPS).migrate([BASELINE], fake=True)
+        await MigrationExecutor(client, APPS).migrate()
+
+
 @asynccontextmanager
 async def database(url: str) -> AsyncIterator[TortoiseContext]:
-    """Open the database for the app's lifetime and create missing tables.
+    """Open the database for the app's lifetime and migrate its schema.
 
     A SQLite file is created with mode 600: only the service user reads it.
     """
     sqlite_file = _sqlite_path(url)
-    if sqlite_file is not None:
-        sqlite_file.parent.mkdir(parents=True, exist_ok=True)
-        if not sqlite_file.exists():
-            os.close(os.open(sqlite_file, os.O_CREAT | os.O_WRONLY, 0o600))
+    if sqlite_file is not None and not sqlite_file.exists():
+        _create_private(sqlite_file)
     # Request handlers run in other tasks than the lifespan: the global fallback
     # lets them see this context (as Tortoise's own framework integrations do).
-    ctx = await Tortoise.init(db_url=url, modules={"models": [MODELS_MODULE]}, _enable_global_fallback=True)
+    ctx = await Tortoise.init(
+        db_url=connection_url(url), modules={"models": [MODELS_MODULE]}, _enable_global_fallback=True
+    )
     try:
-        await Tortoise.generate_schemas(safe=True)
+        await migrate(url)
         yield ctx
     finally:
         await Tortoise.close_connections()

@@ -1,23 +1,41 @@
-"""Daily limits and usage accounting.
+"""Daily limits, per-key quotas and usage accounting.
 
-Admission is one conditional ``UPDATE … SET request_count = request_count + 1
-WHERE request_count < limit``: the check and the increment are a single
-atomic statement in SQLite and PostgreSQL, so concurrent requests can never
-push usage past the limit. A request that fails after admission releases its
-reservation; one that succeeds adds its tokens.
+Admission is one transaction of conditional updates, ``UPDATE … SET
+request_count = request_count + 1 WHERE request_count < limit``, first on the
+operation's row, then on the caller's key row, then a :class:`Reservation`
+row naming the process that owns the request. Each conditional update is
+atomic in SQLite (one writer at a time) and in PostgreSQL (row lock, the
+condition re-checked on the latest row), so no number of concurrent
+requests, workers or servers can push usage past a limit; a refused key
+quota rolls back the operation's increment too.
+
+A reservation is settled exactly once: whoever deletes its row (the request's
+commit or release, or the sweep of a dead process) adjusts the counters. So a
+request is counted iff it succeeded, even when its worker was killed.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
+import psutil
 from tortoise.expressions import F
+from tortoise.models import Model
+from tortoise.transactions import in_transaction
 
-from ai_platform.errors import LimitExceededError
+from ai_platform.errors import DatabaseUnavailableError, LimitExceededError
 from ai_platform.operations import Operation
-from ai_platform.usage.models import DailyUsage, OperationLimit
+from ai_platform.usage.database import translate_errors
+from ai_platform.usage.models import DailyUsage, KeyDailyUsage, KeyQuota, OperationLimit
+from ai_platform.usage.models import Reservation as ReservationRow
+
+log = logging.getLogger(__name__)
 
 
 def utc_now() -> datetime:
@@ -46,11 +64,72 @@ class UsageInfo:
 
 
 @dataclass(frozen=True)
+class KeyUsageInfo:
+    key_id: str
+    operation: str
+    date: date
+    request_count: int
+    total_tokens: int
+    daily_limit: int | None  # the key's quota; None: only the operation's limit applies
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.daily_limit is None else max(self.daily_limit - self.request_count, 0)
+
+
+@dataclass(frozen=True)
+class QuotaInfo:
+    key_id: str
+    operation: str
+    daily_limit: int
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """The tightest limit that applies to a caller, as ``X-RateLimit-*`` headers."""
+
+    limit: int
+    remaining: int
+    reset_seconds: int
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Reset": str(self.reset_seconds),
+        }
+
+
+@dataclass(frozen=True)
 class Reservation:
     """One admitted request; settled exactly once with ``commit`` or ``release``."""
 
+    id: int
     operation: str
+    key_id: str
     day: date
+    rate_limit: RateLimit
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process holding reservations: a restarted process (or a reused pid) is a different owner."""
+
+    host: str
+    pid: int
+    started: float
+
+    @classmethod
+    def current(cls) -> Owner:
+        return cls(socket.gethostname(), os.getpid(), psutil.Process().create_time())
+
+    def is_alive(self) -> bool:
+        try:
+            return abs(psutil.Process(self.pid).create_time() - self.started) < 0.01
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.AccessDenied:
+            return True
 
 
 class LimitService:
@@ -59,14 +138,32 @@ class LimitService:
         operations: Mapping[str, Operation],  # type: ignore[type-arg]
         *,
         default_daily_limit: int,
+        timezone: tzinfo = UTC,
+        lease_seconds: float = 360.0,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
+        """``lease_seconds`` must exceed the longest a request can run (its timeout) plus clock skew between servers."""
         self._operations = operations
         self._default_daily_limit = default_daily_limit
+        self._timezone = timezone
+        self._lease = timedelta(seconds=lease_seconds)
         self._clock = clock
+        self._owner: Owner | None = None
+
+    # -- the limit day -----------------------------------------------------------------
 
     def today(self) -> date:
-        return self._clock().astimezone(UTC).date()
+        """The limit day: the date in ``LIMIT_TIMEZONE`` now."""
+        return self._clock().astimezone(self._timezone).date()
+
+    def seconds_until_reset(self) -> int:
+        """Seconds until the next midnight in ``LIMIT_TIMEZONE`` (DST-aware), at least 1."""
+        now = self._clock()
+        midnight = datetime.combine(self.today() + timedelta(days=1), time(0), tzinfo=self._timezone)
+        # Subtract in UTC: aware datetimes sharing a tzinfo subtract as wall-clock times.
+        return max(math.ceil((midnight.astimezone(UTC) - now.astimezone(UTC)).total_seconds()), 1)
+
+    # -- operation limits --------------------------------------------------------------
 
     def _default_for(self, operation: str) -> int:
         return self._operations[operation].limits.daily_limit or self._default_daily_limit
@@ -75,10 +172,12 @@ class LimitService:
         overrides = dict(await OperationLimit.all().values_list("operation", "daily_limit"))
         return {name: overrides.get(name, self._default_for(name)) for name in self._operations}
 
+    @translate_errors
     async def daily_limit(self, operation: str) -> int:
         override = await OperationLimit.get_or_none(operation=operation)
         return override.daily_limit if override is not None else self._default_for(operation)
 
+    @translate_errors
     async def limits(self) -> list[LimitInfo]:
         daily = await self._daily_limits()
         return [self._info(name, daily[name]) for name in self._operations]
@@ -87,46 +186,165 @@ class LimitService:
         limits = self._operations[name].limits
         return LimitInfo(name, daily_limit, limits.max_input_chars, limits.max_output_tokens)
 
+    @translate_errors
     async def set_daily_limit(self, operation: str, daily_limit: int) -> LimitInfo:
         await OperationLimit.update_or_create(defaults={"daily_limit": daily_limit}, operation=operation)
         return self._info(operation, daily_limit)
 
-    async def admit(self, operation: str) -> Reservation:
-        """Reserve one request of today's allowance or raise :class:`LimitExceededError`."""
+    # -- per-key quotas ----------------------------------------------------------------
+
+    @translate_errors
+    async def quotas(self) -> list[QuotaInfo]:
+        rows = await KeyQuota.all().order_by("key_id", "operation")
+        return [QuotaInfo(r.key_id, r.operation, r.daily_limit) for r in rows]
+
+    @translate_errors
+    async def set_quota(self, key_id: str, operation: str, daily_limit: int) -> QuotaInfo:
+        await KeyQuota.update_or_create(defaults={"daily_limit": daily_limit}, key_id=key_id, operation=operation)
+        return QuotaInfo(key_id, operation, daily_limit)
+
+    @translate_errors
+    async def delete_quota(self, key_id: str, operation: str) -> bool:
+        return bool(await KeyQuota.filter(key_id=key_id, operation=operation).delete())
+
+    @translate_errors
+    async def key_usage(self, key_ids: list[str]) -> list[KeyUsageInfo]:
+        """Today's usage of each key on each operation (zeros where nothing ran yet)."""
+        await self.sweep_expired()
         day = self.today()
+        rows = {
+            (r.key_id, r.operation): r
+            for r in await KeyDailyUsage.filter(day=day, key_id__in=key_ids, operation__in=list(self._operations))
+        }
+        quotas = {
+            (q.key_id, q.operation): q.daily_limit
+            for q in await KeyQuota.filter(key_id__in=key_ids, operation__in=list(self._operations))
+        }
+        return [
+            KeyUsageInfo(
+                key_id=key,
+                operation=name,
+                date=day,
+                request_count=rows[key, name].request_count if (key, name) in rows else 0,
+                total_tokens=rows[key, name].total_tokens if (key, name) in rows else 0,
+                daily_limit=quotas.get((key, name)),
+            )
+            for key in key_ids
+            for name in self._operations
+        ]
+
+    # -- admission and settlement ------------------------------------------------------
+
+    @translate_errors
+    async def admit(self, operation: str, key_id: str) -> Reservation:
+        """Reserve one request of today's allowance or raise :class:`LimitExceededError`."""
         limit = await self.daily_limit(operation)
-        if not await self._increment_below(operation, day, limit):
-            # First request of the day: create the row (another request may race us to it).
-            await DailyUsage.bulk_create([DailyUsage(operation=operation, day=day)], ignore_conflicts=True)
-            if not await self._increment_below(operation, day, limit):
-                used = await DailyUsage.get(operation=operation, day=day).values_list("request_count", flat=True)
-                raise LimitExceededError(
-                    f"Daily limit exceeded for operation '{operation}': {used}/{limit} requests used today."
+        quota = await KeyQuota.get_or_none(key_id=key_id, operation=operation)
+        key_limit = quota.daily_limit if quota is not None else None
+        try:
+            return await self._reserve(operation, key_id, limit, key_limit)
+        except LimitExceededError:
+            # Places held by crashed processes come back once their lease ends.
+            if not await self.sweep_expired():
+                raise
+            return await self._reserve(operation, key_id, limit, key_limit)
+
+    async def _reserve(self, operation: str, key_id: str, limit: int, key_limit: int | None) -> Reservation:
+        day = self.today()
+        owner = self._owner or Owner.current()
+        where = {"operation": operation, "day": day}
+        key_where = {"key_id": key_id, **where}
+        async with in_transaction():
+            used = await _take(DailyUsage, where, limit)
+            if used is None:
+                used = await _used(DailyUsage, where)
+                raise self._exceeded(
+                    f"Daily limit exceeded for operation '{operation}': {used}/{limit} requests used today.", limit
                 )
-        return Reservation(operation, day)
+            key_used = await _take(KeyDailyUsage, key_where, key_limit)
+            if key_used is None:
+                key_used = await _used(KeyDailyUsage, key_where)
+                raise self._exceeded(
+                    f"Daily quota exceeded for this API key on operation '{operation}': "
+                    f"{key_used}/{key_limit} requests used today.",
+                    key_limit or 0,
+                )
+            row = await ReservationRow.create(
+                operation=operation,
+                key_id=key_id,
+                day=day,
+                host=owner.host,
+                pid=owner.pid,
+                process_started=owner.started,
+                expires_at=self._clock() + self._lease,
+            )
+        candidates = [(limit, limit - used)]
+        if key_limit is not None and key_used is not None:
+            candidates.append((key_limit, key_limit - key_used))
+        tightest, remaining = min(candidates, key=lambda c: c[1])
+        return Reservation(row.id, operation, key_id, day, RateLimit(tightest, remaining, self.seconds_until_reset()))
 
-    @staticmethod
-    async def _increment_below(operation: str, day: date, limit: int) -> bool:
-        updated = await DailyUsage.filter(operation=operation, day=day, request_count__lt=limit).update(
-            request_count=F("request_count") + 1
-        )
-        return bool(updated)
+    def _exceeded(self, detail: str, limit: int) -> LimitExceededError:
+        rate = RateLimit(limit, 0, self.seconds_until_reset())
+        return LimitExceededError(detail, headers={**rate.headers(), "Retry-After": str(rate.reset_seconds)})
 
+    @translate_errors
     async def commit(self, reservation: Reservation, *, tokens: int) -> None:
         """The request succeeded: keep its count and add its tokens."""
-        if tokens:
-            await DailyUsage.filter(operation=reservation.operation, day=reservation.day).update(
-                total_tokens=F("total_tokens") + tokens
-            )
+        async with in_transaction():
+            if await ReservationRow.filter(id=reservation.id).delete():
+                await _count(reservation.operation, reservation.key_id, reservation.day, 0, tokens)
+            else:
+                # Swept while running (its lease outlived by a stalled process): it did succeed, so count it.
+                log.warning("reservation %d was swept before it committed; counting it again", reservation.id)
+                await _count(reservation.operation, reservation.key_id, reservation.day, 1, tokens)
 
     async def release(self, reservation: Reservation) -> None:
-        """The request failed: give its reservation back."""
-        await DailyUsage.filter(operation=reservation.operation, day=reservation.day).update(
-            request_count=F("request_count") - 1
-        )
+        """The request failed: give its reservation back. Never raises (the request's own error matters)."""
+        try:
+            await self._give_back(reservation.id, reservation.operation, reservation.key_id, reservation.day)
+        except DatabaseUnavailableError:
+            log.warning("could not release reservation %d now; the sweep will", reservation.id)
 
+    @translate_errors
+    async def _give_back(self, row_id: int, operation: str, key_id: str, day: date) -> bool:
+        async with in_transaction():
+            if not await ReservationRow.filter(id=row_id).delete():
+                return False  # already settled by someone else
+            await _count(operation, key_id, day, -1, 0)
+            return True
+
+    # -- crash recovery ----------------------------------------------------------------
+
+    @translate_errors
+    async def recover(self) -> int:
+        """At startup: become the owner of new reservations; give back those of dead processes on this host."""
+        self._owner = Owner.current()
+        rows = await ReservationRow.filter(host=self._owner.host).distinct().values_list("pid", "process_started")
+        dead = [Owner(self._owner.host, pid, started) for pid, started in rows]
+        dead = [o for o in dead if o != self._owner and not o.is_alive()]
+        released = 0
+        for owner in dead:
+            for row in await ReservationRow.filter(host=owner.host, pid=owner.pid, process_started=owner.started):
+                released += await self._give_back(row.id, row.operation, row.key_id, row.day)
+        if released:
+            log.warning("gave back %d reservations of %d dead worker process(es)", released, len(dead))
+        return released
+
+    @translate_errors
+    async def sweep_expired(self) -> int:
+        """Give back reservations whose lease ended (their process died, on any host)."""
+        released = 0
+        for row in await ReservationRow.filter(expires_at__lt=self._clock()):
+            released += await self._give_back(row.id, row.operation, row.key_id, row.day)
+        if released:
+            log.warning("gave back %d expired reservations", released)
+        return released
+
+    @translate_errors
     async def usage(self) -> list[UsageInfo]:
         """Today's usage for every operation (zeros where nothing ran yet)."""
+        await self.sweep_expired()
         day = self.today()
         rows = {r.operation: r for r in await DailyUsage.filter(day=day, operation__in=list(self._operations))}
         daily = await self._daily_limits()
@@ -140,3 +358,35 @@ class LimitService:
             )
             for name in self._operations
         ]
+
+
+async def _take(model: type[Model], where: dict[str, object], limit: int | None) -> int | None:
+    """Count one more request in the row ``where`` unless it is at ``limit``; the new count, or None if full.
+
+    Inside the admission transaction: its first statement is this UPDATE, so
+    SQLite takes the write lock up front (no read-to-write upgrade to fail).
+    """
+    bounded = model.filter(**where) if limit is None else model.filter(**where, request_count__lt=limit)
+    if not await bounded.update(request_count=F("request_count") + 1):
+        # No row yet when the UPDATE looked: create it, unless a concurrent request just did. Then
+        # ask again: only an UPDATE that sees the row (PostgreSQL re-reads it) may say "full",
+        # or a burst of first requests would be refused with the allowance untouched.
+        if not await model.filter(**where).exists():
+            await model.bulk_create([model(**where)], ignore_conflicts=True)
+        if not await bounded.update(request_count=F("request_count") + 1):
+            return None
+    return await _used(model, where)
+
+
+async def _used(model: type[Model], where: dict[str, object]) -> int:
+    row = await model.filter(**where).first()
+    return int(row.request_count) if row is not None else 0  # type: ignore[attr-defined]
+
+
+async def _count(operation: str, key_id: str, day: date, requests: int, tokens: int) -> None:
+    """Adjust the operation's and the key's counters together (always in this order, so no deadlock)."""
+    if not (requests or tokens):
+        return
+    changes = {"request_count": F("request_count") + requests, "total_tokens": F("total_tokens") + tokens}
+    await DailyUsage.filter(operation=operation, day=day).update(**changes)
+    await KeyDailyUsage.filter(key_id=key_id, operation=operation, day=day).update(**changes)

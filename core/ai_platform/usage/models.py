@@ -7,11 +7,11 @@ from tortoise.models import Model
 
 
 class DailyUsage(Model):
-    """Requests and tokens per operation per (UTC) day.
+    """Requests and tokens per operation per limit day (a date in LIMIT_TIMEZONE).
 
     ``request_count`` is reserved atomically before model work and released if
     the request fails, so it counts exactly the requests that succeeded plus
-    the ones in flight.
+    the ones in flight (each of which has a :class:`Reservation` row).
     """
 
     id = fields.IntField(primary_key=True)
@@ -34,6 +34,58 @@ class OperationLimit(Model):
 
     class Meta:
         table = "operation_limit"
+
+
+class KeyQuota(Model):
+    """An admin's daily limit for one API key (by key id) on one operation."""
+
+    id = fields.IntField(primary_key=True)
+    key_id = fields.CharField(max_length=16)
+    operation = fields.CharField(max_length=64)
+    daily_limit = fields.IntField()
+    updated_at = fields.DatetimeField(auto_now=True)
+
+    class Meta:
+        table = "key_quota"
+        unique_together = (("key_id", "operation"),)
+
+
+class KeyDailyUsage(Model):
+    """Requests and tokens per API key per operation per limit day, counted like daily usage."""
+
+    id = fields.IntField(primary_key=True)
+    key_id = fields.CharField(max_length=16)
+    operation = fields.CharField(max_length=64)
+    day = fields.DateField()
+    request_count = fields.IntField(default=0)
+    total_tokens = fields.BigIntField(default=0)
+
+    class Meta:
+        table = "key_daily_usage"
+        unique_together = (("key_id", "operation", "day"),)
+
+
+class Reservation(Model):
+    """One admitted request still in flight, and the process that owns it.
+
+    Settled exactly once: deleted with its count kept (success) or given back
+    (failure). Rows of a process that died (SIGKILL, power loss) are given
+    back by a sweep: at startup for dead processes on this host, and for any
+    host once ``expires_at`` (past the request timeout) has passed.
+    """
+
+    id = fields.BigIntField(primary_key=True)
+    operation = fields.CharField(max_length=64)
+    key_id = fields.CharField(max_length=16)
+    day = fields.DateField()
+    host = fields.CharField(max_length=255)
+    pid = fields.IntField()
+    process_started = fields.FloatField()
+    expires_at = fields.DatetimeField(db_index=True)
+
+    class Meta:
+        table = "reservation"
+        indexes = (("host", "pid"),)
 
 
 class AuditRecord(Model):

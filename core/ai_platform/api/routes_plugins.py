@@ -1,0 +1,38 @@
+"""Introspection: ``GET /operations`` (what can I call?) and ``GET /plugins`` (admin: what is installed?)."""
+
+from __future__ import annotations
+
+from litestar import get
+from litestar.handlers import HTTPRouteHandler
+
+from ai_platform.api.auth import admin_only
+from ai_platform.api.schemas import OperationEntry, OperationsResponse, PluginEntry, PluginsResponse
+from ai_platform.plugins import LoadedPlugins, describe
+from ai_platform.services.orchestration import Engine
+
+
+def introspection_routes(plugins: LoadedPlugins, engine: Engine) -> list[HTTPRouteHandler]:
+    @get("/operations", tags=["plugins"], summary="Available operations, their limits and schemas.")
+    async def list_operations() -> OperationsResponse:
+        return OperationsResponse(
+            operations=[
+                OperationEntry(
+                    name=op.name,
+                    summary=op.summary,
+                    path=f"/operations/{op.name}",
+                    plugin=next(p.name for p in plugins.plugins if op.name in p.operations),
+                    model=engine.model_name(op.name),
+                    max_input_chars=op.limits.max_input_chars,
+                    max_output_tokens=op.limits.max_output_tokens,
+                    # JSON pointer into the OpenAPI document: the route with both of its schemas.
+                    schema=f"/schema/openapi.json#/paths/~1operations~1{op.name}/post",
+                )
+                for op in plugins.operations.values()
+            ]
+        )
+
+    @get("/plugins", tags=["plugins"], summary="Installed plugins and their status (admin key).", guards=[admin_only])
+    async def list_plugins() -> PluginsResponse:
+        return PluginsResponse(plugins=[PluginEntry(**entry) for entry in describe(plugins.plugins)])
+
+    return [list_operations, list_plugins]

@@ -1,0 +1,148 @@
+"""Per-key quotas and per-key usage: ``/quotas`` (admin) and ``/usage/keys`` (admin; ``/me`` for any key).
+
+Keys are named by their key id (a keyed hash, as in the audit trail), never
+by the key itself; a caller learns its own id from ``GET /usage/keys/me``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, delete, get, put
+from litestar.handlers import HTTPRouteHandler
+from litestar.params import FromPath, FromQuery, JSONBody
+
+from ai_platform.api.auth import Principal, admin_only
+from ai_platform.errors import NotFoundError, RequestValidationError
+from ai_platform.services.orchestration import iso_timestamp
+from ai_platform.settings import Settings
+from ai_platform.usage.audit import key_id
+from ai_platform.usage.limit_service import KeyUsageInfo, LimitService, QuotaInfo
+
+KeyId = Annotated[str, msgspec.Meta(min_length=1, max_length=16, pattern=r"^[0-9a-f]+$")]
+
+
+class QuotaEntry(msgspec.Struct, kw_only=True):
+    key_id: str
+    operation: str
+    daily_limit: int
+
+
+class QuotaUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``PUT /quotas`` body: the daily limit of one key on one operation (0 stops it)."""
+
+    key_id: KeyId
+    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    daily_limit: Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
+
+
+class QuotasResponse(msgspec.Struct, kw_only=True):
+    quotas: list[QuotaEntry]
+
+
+class KeyUsageEntry(msgspec.Struct, kw_only=True):
+    key_id: str
+    operation: str
+    date: str
+    request_count: int
+    total_tokens: int
+    daily_limit: int | None  # the key's quota; null when only the operation's limit applies
+    remaining: int | None
+
+
+class KeyUsageResponse(msgspec.Struct, kw_only=True):
+    usage: list[KeyUsageEntry]
+    generated_at: str
+
+
+def _quota_entry(info: QuotaInfo) -> QuotaEntry:
+    return QuotaEntry(key_id=info.key_id, operation=info.operation, daily_limit=info.daily_limit)
+
+
+def _usage_response(rows: list[KeyUsageInfo]) -> KeyUsageResponse:
+    return KeyUsageResponse(
+        usage=[
+            KeyUsageEntry(
+                key_id=r.key_id,
+                operation=r.operation,
+                date=r.date.isoformat(),
+                request_count=r.request_count,
+                total_tokens=r.total_tokens,
+                daily_limit=r.daily_limit,
+                remaining=r.remaining,
+            )
+            for r in rows
+        ],
+        generated_at=iso_timestamp(datetime.now(UTC)),
+    )
+
+
+def _invalid(field: str, allowed: list[str], value: str) -> RequestValidationError:
+    return RequestValidationError(
+        [
+            {
+                "type": "enum",
+                "loc": ["body", field],
+                "msg": f"Input should be one of: {', '.join(allowed)}",
+                "input": value,
+            }
+        ]
+    )
+
+
+def quota_routes(limits: LimitService, settings: Settings) -> list[HTTPRouteHandler]:
+    # Only configured keys can be given quotas: a typo must not silently set nothing.
+    key_ids = list(
+        dict.fromkeys(key_id(k, settings.secret_key) for k in settings.valid_api_keys + settings.admin_api_keys)
+    )
+
+    async def _operations() -> list[str]:
+        return [i.operation for i in await limits.limits()]
+
+    @get("/quotas", tags=["quotas"], summary="Every per-key quota (admin key).", guards=[admin_only])
+    async def get_quotas() -> QuotasResponse:
+        return QuotasResponse(quotas=[_quota_entry(q) for q in await limits.quotas()])
+
+    @put(
+        "/quotas",
+        tags=["quotas"],
+        summary="Set one key's daily limit on one operation (admin key).",
+        guards=[admin_only],
+        opt={"body_type": QuotaUpdate},
+    )
+    async def put_quota(data: JSONBody[QuotaUpdate]) -> QuotaEntry:
+        if data.key_id not in key_ids:
+            raise _invalid("key_id", ["the key id of a configured key (see GET /usage/keys)"], data.key_id)
+        operations = await _operations()
+        if data.operation not in operations:
+            raise _invalid("operation", operations, data.operation)
+        return _quota_entry(await limits.set_quota(data.key_id, data.operation, data.daily_limit))
+
+    @delete(
+        "/quotas/{key:str}/{operation:str}",
+        tags=["quotas"],
+        summary="Remove one key's quota on one operation (admin key).",
+        guards=[admin_only],
+    )
+    async def delete_quota(key: FromPath[str], operation: FromPath[str]) -> None:
+        if not await limits.delete_quota(key, operation):
+            raise NotFoundError(f"No quota for key id '{key[:16]}' on operation '{operation[:64]}'.")
+
+    @get(
+        "/usage/keys",
+        tags=["quotas"],
+        summary="Today's usage of every key, or of one (admin key).",
+        guards=[admin_only],
+    )
+    async def get_key_usage(key_id: FromQuery[KeyId | None] = None) -> KeyUsageResponse:
+        if key_id is not None and key_id not in key_ids:
+            raise NotFoundError(f"No configured key has the id '{key_id}'.")
+        return _usage_response(await limits.key_usage([key_id] if key_id else key_ids))
+
+    @get("/usage/keys/me", tags=["quotas"], summary="Today's usage of the calling key, and its key id.")
+    async def get_my_usage(request: Request[Principal, Any, Any]) -> KeyUsageResponse:
+        return _usage_response(await limits.key_usage([request.user.key_id]))
+
+    return [get_quotas, put_quota, delete_quota, get_key_usage, get_my_usage]

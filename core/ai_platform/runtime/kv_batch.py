@@ -1,0 +1,191 @@
+"""KV caches of a changing set of sequences that decode together, one token per row per step.
+
+Sequences join with :meth:`admit` (their prompt is prefilled alone, then merged in) and
+leave with :meth:`remove` (the last row moves into the freed one), so rows stay packed.
+Two layouts, one per graph shape (see ``onnx_model``):
+
+* :class:`PaddedBatch` (optimum graphs): left-padded KV, re-padded when a longer sequence
+  joins; the graph returns a fresh, one-longer copy of the whole cache every step.
+* :class:`SharedBufferBatch` (GroupQueryAttention graphs): one preallocated buffer per
+  layer, rows right-padded; past and present are bound to the same memory, so each step
+  writes its new position in place and allocates nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from ai_platform.runtime.generation import prefill
+from ai_platform.runtime.onnx_model import KEEP_LOGITS_INPUT, OnnxDecoder
+
+# Buffer growth granularity: a sequence crossing a multiple of this costs one copy.
+LENGTH_STEP = 256
+
+
+class DecodeBatch(Protocol):
+    """The sequences of one model that currently decode together."""
+
+    @property
+    def size(self) -> int: ...
+
+    def admit(self, prompt: Sequence[int], should_stop: Callable[[], bool]) -> np.ndarray:
+        """Prefill ``prompt`` as new last row; returns the logits predicting its first new token."""
+        ...
+
+    def step(self, tokens: Sequence[int]) -> np.ndarray:
+        """Feed one token per row; returns logits [size, vocab] for each row's next token."""
+        ...
+
+    def remove(self, row: int) -> None:
+        """Drop ``row``; the last row takes its place."""
+        ...
+
+
+def new_batch(decoder: OnnxDecoder) -> DecodeBatch:
+    """The batch layout that suits ``decoder``'s graph."""
+    return SharedBufferBatch(decoder) if decoder.fused_attention else PaddedBatch(decoder)
+
+
+def _pad_left(array: np.ndarray, axis: int, length: int) -> np.ndarray:
+    missing = length - array.shape[axis]
+    if missing == 0:
+        return array
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (missing, 0)
+    return np.pad(array, widths)
+
+
+class PaddedBatch:
+    """Left-padded batch over an optimum graph (attention mask + explicit positions)."""
+
+    def __init__(self, decoder: OnnxDecoder) -> None:
+        self._decoder = decoder
+        self._past: list[np.ndarray] = decoder.empty_past(0)
+        self._mask = np.zeros((0, 0), dtype=np.int64)
+        self._positions = np.zeros((0, 1), dtype=np.int64)
+
+    @property
+    def size(self) -> int:
+        return self._mask.shape[0]
+
+    def admit(self, prompt: Sequence[int], should_stop: Callable[[], bool]) -> np.ndarray:
+        logits, past = prefill(self._decoder, prompt, should_stop)
+        length = max(self._mask.shape[1], len(prompt))
+        self._past = [
+            np.concatenate([_pad_left(ours, 2, length), _pad_left(theirs, 2, length)])
+            for ours, theirs in zip(self._past, past, strict=True)
+        ]
+        self._mask = np.concatenate([_pad_left(self._mask, 1, length), _pad_left(np.ones((1, len(prompt)), np.int64), 1, length)])
+        self._positions = np.concatenate([self._positions, [[len(prompt)]]])
+        return logits
+
+    def step(self, tokens: Sequence[int]) -> np.ndarray:
+        self._mask = np.concatenate([self._mask, np.ones((self.size, 1), np.int64)], axis=1)
+        ids = np.asarray(tokens, dtype=np.int64)[:, None]
+        logits, self._past = self._decoder.forward(ids, self._mask, self._positions, self._past, keep_logits=1)
+        self._positions += 1
+        return logits[:, -1]
+
+    def remove(self, row: int) -> None:
+        keep = list(range(self.size - 1))
+        if row < len(keep):
+            keep[row] = self.size - 1
+        self._mask = self._mask[keep]
+        self._positions = self._positions[keep]
+        self._past = [layer[keep] for layer in self._past]
+        # Columns that are padding in every remaining row are dead weight in each step.
+        start = int(np.argmax(self._mask.any(axis=0))) if self.size else self._mask.shape[1]
+        if start:
+            self._mask = self._mask[:, start:]
+            self._past = [layer[:, :, start:] for layer in self._past]
+
+
+class SharedBufferBatch:
+    """Right-padded batch over a GroupQueryAttention graph, decoding in place in shared buffers."""
+
+    def __init__(self, decoder: OnnxDecoder) -> None:
+        self._decoder = decoder
+        self._lengths = np.zeros(0, dtype=np.int64)  # valid positions per row
+        self._buffers: list[np.ndarray] = []
+        self._logits = np.zeros((0, 1, decoder.vocab_size), dtype=decoder.logits_dtype)
+        self._binding = decoder.session.io_binding()
+        self._size = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _reserve(self, rows: int, length: int) -> None:
+        """Grow the buffers to hold ``rows`` rows of ``length`` positions, keeping their contents."""
+        have_rows, have_length = (self._buffers[0].shape[0], self._buffers[0].shape[2]) if self._buffers else (0, 0)
+        if rows <= have_rows and length <= have_length:
+            return
+        rows = max(rows, 2 * have_rows)
+        length = min(max(length, have_length), self._decoder.max_positions)
+        length = min(-(-length // LENGTH_STEP) * LENGTH_STEP, self._decoder.max_positions)
+        shape = (rows, self._decoder.kv_heads, length, self._decoder.head_dim)
+        grown = []
+        for old in self._buffers or [None] * len(self._decoder.past_names):
+            buffer = np.zeros(shape, dtype=self._decoder.kv_dtype)
+            if old is not None:
+                buffer[: self._size, :, : old.shape[2]] = old[: self._size]
+            grown.append(buffer)
+        self._buffers = grown
+        lengths = np.zeros(rows, dtype=np.int64)
+        lengths[: self._size] = self._lengths[: self._size]
+        self._lengths = lengths
+        self._logits = np.zeros((rows, 1, self._decoder.vocab_size), dtype=self._decoder.logits_dtype)
+
+    def admit(self, prompt: Sequence[int], should_stop: Callable[[], bool]) -> np.ndarray:
+        # Prefill without sharing (the graph appends to an empty past), then copy into the row:
+        # one copy per sequence, and chunked prefill works unchanged.
+        logits, past = prefill(self._decoder, prompt, should_stop)
+        row = self._size
+        self._reserve(row + 1, len(prompt) + 1)
+        for buffer, layer in zip(self._buffers, past, strict=True):
+            buffer[row, :, : len(prompt)] = layer[0]
+        self._lengths[row] = len(prompt)
+        self._size += 1
+        return logits
+
+    def step(self, tokens: Sequence[int]) -> np.ndarray:
+        rows = self._size
+        total = int(self._lengths[:rows].max()) + 1
+        self._reserve(rows, total)
+        mask = (np.arange(total) <= self._lengths[:rows, None]).astype(self._decoder.mask_dtype)
+        ids = np.asarray(tokens, dtype=self._decoder.ids_dtype)[:, None]
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        if self._decoder.keeps_logits:
+            binding.bind_cpu_input(KEEP_LOGITS_INPUT, np.asarray(1, dtype=np.int64))
+        kv_type = self._decoder.kv_dtype
+        for past, present, buffer in zip(
+            self._decoder.past_names, self._decoder.present_names, self._buffers, strict=True
+        ):
+            shape = (rows, *buffer.shape[1:])
+            pointer = buffer.ctypes.data  # rows are the leading axis: the first `rows` are contiguous
+            binding.bind_input(past, "cpu", 0, kv_type, shape, pointer)
+            binding.bind_output(present, "cpu", 0, kv_type, shape, pointer)
+        binding.bind_output("logits", "cpu", 0, self._logits.dtype, (rows, 1, self._logits.shape[2]), self._logits.ctypes.data)
+        self._decoder.session.run_with_iobinding(binding)
+        self._lengths[:rows] += 1
+        return self._logits[:rows, 0]
+
+    def remove(self, row: int) -> None:
+        last = self._size - 1
+        if row != last:
+            length = int(self._lengths[last])
+            for buffer in self._buffers:
+                buffer[row, :, :length] = buffer[last, :, :length]
+            self._lengths[row] = length
+        self._size -= 1
+        if self._size == 0:  # idle: give the memory back
+            self._buffers = []
+            self._lengths = np.zeros(0, dtype=np.int64)
+            self._logits = np.zeros((0, 1, self._decoder.vocab_size), dtype=self._decoder.logits_dtype)

@@ -1,0 +1,155 @@
+"""Helpers for the deploy/ tests: the real programs (nginx, openssl, systemd-analyze), a real server."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from support import ROOT
+
+DEPLOY = ROOT / "deploy"
+UNIT = DEPLOY / "systemd" / "ai-platform.service"
+NGINX_CONF = DEPLOY / "nginx" / "ai-platform.conf"
+INSTALL = DEPLOY / "install.sh"
+DISTRO_NGINX_CONF = Path("/etc/nginx/nginx.conf")
+
+
+def require(program: str) -> str:
+    """The program's path; a missing one fails the test (CI installs it in .ci/run)."""
+    path = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
+    if path is None:
+        pytest.fail(f"{program} is not installed: `apt-get install -y nginx openssl systemd` (.ci/run does)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert process.poll() is None, f"{what} exited with {process.returncode}"
+            assert time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(0.1)
+
+
+def self_signed_certificate(folder: Path, name: str = "ai-platform.local") -> tuple[Path, Path]:
+    crt, key = folder / "ai-platform.crt", folder / "ai-platform.key"
+    subprocess.run(
+        [require("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(crt)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return crt, key
+
+
+def substitute(text: str, old: str, new: str) -> str:
+    """Replace exactly one occurrence, so a changed deploy file breaks the test instead of passing it."""
+    assert text.count(old) == 1, f"expected {old!r} once in the deploy file"
+    return text.replace(old, new)
+
+
+def main_config(folder: Path, site: Path) -> Path:
+    """The distribution's own nginx.conf, including ``site`` as sites-enabled/ would, logs in ``folder``."""
+    text = DISTRO_NGINX_CONF.read_text()
+    text = re.sub(r"(?m)^pid .*$", f"pid {folder}/nginx.pid;", text)
+    text = re.sub(r"(?m)^(\s*)error_log .*$", rf"\1error_log {folder}/error.log;", text)
+    text = re.sub(r"(?m)^(\s*)access_log .*$", rf"\1access_log {folder}/access.log;", text)
+    text = re.sub(r"(?m)^(\s*)include /etc/nginx/conf\.d/\*\.conf;", "", text)
+    text = substitute(text, "include /etc/nginx/sites-enabled/*;", f"include {site};")
+    text = re.sub(r"(?m)^worker_processes .*$", "worker_processes 2;", text)
+    if os.geteuid() != 0:  # no user switch, and temp folders a normal user may write
+        text = re.sub(r"(?m)^user .*$", "", text)
+        temp = "".join(
+            f"{kind}_temp_path {folder}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        text = substitute(text, "http {", "http {" + temp)
+    path = folder / "nginx.conf"
+    path.write_text(text)
+    return path
+
+
+def nginx_test(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([require("nginx"), "-t", "-c", str(config)], capture_output=True, text=True)
+
+
+@contextmanager
+def running_nginx(config: Path, port: int) -> Iterator[None]:
+    process = subprocess.Popen([require("nginx"), "-c", str(config), "-g", "daemon off;"])
+    try:
+        wait_for_port(port, process, "nginx")
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@contextmanager
+def running_server(env: dict[str, str], cwd: Path, port: int, cli: Path | None = None) -> Iterator[None]:
+    """``ai-platform serve`` in its own process, as systemd runs it."""
+    cli = cli or Path(sys.executable).parent / "ai-platform"
+    process = subprocess.Popen([str(cli), "serve"], env={**os.environ, **env, "PORT": str(port)}, cwd=cwd)
+    try:
+        wait_for_port(port, process, "ai-platform serve")
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+class Https:
+    """One keep-alive HTTPS connection to nginx, trusting only the test certificate."""
+
+    def __init__(self, port: int, ca: Path, host: str = "ai-platform.local") -> None:
+        context = ssl.create_default_context(cafile=str(ca))
+        context.check_hostname = False  # the certificate also names 127.0.0.1; SNI carries the host
+        self.connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=60)
+        self.host = host
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        self.connection.request(
+            method, path, body=data, headers={"Host": self.host, "Content-Type": "application/json", **(headers or {})}
+        )
+        response = self.connection.getresponse()
+        content = response.read()
+        if response.getheader("Connection", "").lower() == "close":
+            self.connection.close()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, content
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def json(
+        self, method: str, path: str, body: object = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, object]:
+        status, _, content = self.request(method, path, body, headers)
+        return status, json.loads(content)

@@ -1,0 +1,208 @@
+"""deploy/nginx/ai-platform.conf checked by nginx itself, then serving the API in front of a real server.
+
+The config under test is the deploy file with only its ports, upstream port and certificate paths
+changed (each substitution must match exactly once), included from the distribution's own
+/etc/nginx/nginx.conf as sites-enabled/ would include it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from deploy_harness import (
+    NGINX_CONF,
+    Https,
+    free_port,
+    main_config,
+    nginx_test,
+    running_nginx,
+    running_server,
+    self_signed_certificate,
+    substitute,
+)
+
+from support import ADMIN_KEY, CLASSIFY, CLIENT_KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, assert_meta
+
+pytestmark = [pytest.mark.slow, pytest.mark.deploy]
+
+KEY = {"X-API-Key": CLIENT_KEY}
+ADMIN = {"X-API-Key": ADMIN_KEY}
+SECURITY_HEADERS = {
+    "strict-transport-security": "max-age=31536000",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "content-security-policy": "default-src 'none'; frame-ancestors 'none'",
+}
+
+
+@dataclass
+class Stack:
+    https_port: int
+    http_port: int
+    app_port: int
+    ca: Path
+    clients: list[Https]
+
+    def client(self) -> Https:
+        client = Https(self.https_port, self.ca)
+        self.clients.append(client)
+        return client
+
+
+def site_config(folder: Path, http_port: int, https_port: int, app_port: int, crt: Path, key: Path) -> Path:
+    text = NGINX_CONF.read_text()
+    text = substitute(text, "    listen 80;\n", f"    listen 127.0.0.1:{http_port};\n")
+    text = substitute(text, "    listen 443 ssl;\n", f"    listen 127.0.0.1:{https_port} ssl;\n")
+    # No IPv6 in every CI container.
+    text = substitute(text, "    listen [::]:80;\n", "")
+    text = substitute(text, "    listen [::]:443 ssl;\n", "")
+    text = substitute(text, "server 127.0.0.1:8000;", f"server 127.0.0.1:{app_port};")
+    text = substitute(text, "/etc/nginx/tls/ai-platform.crt", str(crt))
+    text = substitute(text, "/etc/nginx/tls/ai-platform.key", str(key))
+    site = folder / "ai-platform.conf"
+    site.write_text(text)
+    return site
+
+
+def test_nginx_accepts_the_deploy_file_without_warnings(tmp_path: Path) -> None:
+    crt, key = self_signed_certificate(tmp_path)
+    text = NGINX_CONF.read_text()
+    text = substitute(text, "/etc/nginx/tls/ai-platform.crt", str(crt))
+    text = substitute(text, "/etc/nginx/tls/ai-platform.key", str(key))
+    (tmp_path / "ai-platform.conf").write_text(text)
+    result = nginx_test(main_config(tmp_path, tmp_path / "ai-platform.conf"))
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+    assert "[warn]" not in result.stderr and "[emerg]" not in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
+    folder = tmp_path_factory.mktemp("nginx")
+    models = folder / "models"
+    models.mkdir()
+    for model in SEED_MODELS.values():
+        (models / model).symlink_to(tiny_model_dir, target_is_directory=True)
+    env = {
+        "SECRET_KEY": "test-secret-key-0123456789",
+        "VALID_API_KEYS": f'["{CLIENT_KEY}"]',
+        "ADMIN_API_KEYS": f'["{ADMIN_KEY}"]',
+        "DATABASE_URL": f"sqlite://{folder / 'usage.sqlite3'}",
+        "LOG_DIR": str(folder / "logs"),
+        "MODELS_DIR": str(models),
+        "METRICS_ACCESS": "loopback",
+    }
+    crt, key = self_signed_certificate(folder)
+    app_port, http_port, https_port = free_port(), free_port(), free_port()
+    config = main_config(folder, site_config(folder, http_port, https_port, app_port, crt, key))
+    with running_server(env, folder, app_port), running_nginx(config, https_port):
+        yield Stack(https_port, http_port, app_port, crt, [])
+
+
+@pytest.fixture(autouse=True)
+def close_clients(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "stack" in request.fixturenames:
+        stack: Stack = request.getfixturevalue("stack")
+        while stack.clients:
+            stack.clients.pop().close()
+
+
+def test_contract_requests_through_nginx(stack: Stack) -> None:
+    client = stack.client()
+    status, headers, body = client.request("GET", "/health")
+    assert status == 200 and json.loads(body)["status"] == "healthy"
+    for name, value in SECURITY_HEADERS.items():
+        assert headers[name] == value
+    assert "server" not in headers or headers["server"] == "nginx"  # no version
+    for operation, request in {"summarize": SUMMARIZE, "translate": TRANSLATE, "classify": CLASSIFY}.items():
+        status, response = client.json("POST", f"/operations/{operation}", request, KEY)
+        assert status == 200, response
+        assert_meta(response["meta"], operation, request)  # type: ignore[index]
+    status, usage = client.json("GET", "/limits/usage", headers=KEY)
+    assert status == 200 and {u["request_count"] for u in usage["usage"]} == {1}  # type: ignore[index]
+    status, limits = client.json("GET", "/limits", headers=KEY)
+    assert status == 200 and len(limits["limits"]) == 3  # type: ignore[index]
+    # The app's own errors pass through unchanged.
+    assert client.json("POST", "/operations/summarize", {"text": ""}, KEY) == (
+        422,
+        {"error": "Request validation failed.", "detail": [
+            {"type": "string_too_short", "loc": ["body", "text"], "msg": "String should have at least 1 character",
+             "input": ""}]},
+    )  # fmt: skip
+    assert client.json("GET", "/limits") == (403, {"detail": "Invalid or missing API key."})
+
+
+def test_plain_http_redirects_to_https(stack: Stack) -> None:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", stack.http_port, timeout=10)
+    connection.request("GET", "/limits?x=1", headers={"Host": "ai-platform.local"})
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    assert response.status == 301
+    assert response.getheader("Location") == "https://ai-platform.local/limits?x=1"
+
+
+def test_body_limit_refuses_oversized_bodies_in_nginx(stack: Stack) -> None:
+    client = stack.client()
+    # The largest valid body (8000 astral characters as JSON surrogate pairs, 96 KB) gets through
+    # to the app, which answers it (here 422 for max_sentences, without running the model).
+    largest = json.dumps({"text": "\U0001f600" * 8000, "max_sentences": 0}).encode()
+    assert 96_000 < len(largest) < 128 * 1024
+    status, _, body = client.request("POST", "/operations/summarize", headers=KEY, raw=largest)
+    assert status == 422 and json.loads(body)["detail"][0]["loc"] == ["body", "max_sentences"]
+    status, headers, body = stack.client().request(
+        "POST", "/operations/summarize", headers=KEY, raw=b'{"text": "' + b"a" * (128 * 1024) + b'"}'
+    )
+    assert (status, json.loads(body)) == (413, {"detail": "Request body too large."})
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_metrics_only_for_this_host_through_nginx(stack: Stack) -> None:
+    client = stack.client()
+    status, _, body = client.request("GET", "/metrics")  # METRICS_ACCESS=loopback: no key
+    text = body.decode()
+    assert status == 200
+    for series in (
+        "ai_platform_requests_total",
+        "ai_platform_request_duration_seconds_bucket",
+        "ai_platform_generated_tokens_total",
+        "ai_platform_limit_rejections_total",
+        "ai_platform_queue_depth",
+        "ai_platform_model_loaded",
+    ):
+        assert f"\n{series}{{" in text, series
+    assert 'ai_platform_model_loaded{model="qwen-summarize",operation="summarize"} 1.0' in text
+    # A remote client (as nginx reports it in X-Forwarded-For) is refused by the app.
+    status, _, body = client.request("GET", "/metrics", headers={"X-Forwarded-For": "203.0.113.7"})
+    assert status == 403 and json.loads(body) == {"detail": "Metrics are only served to clients on this host."}
+
+
+def test_rate_limit_stops_key_guessing_by_address(stack: Stack) -> None:
+    time.sleep(3)  # let the buckets of earlier tests drain
+    client = stack.client()
+    statuses = []
+    for attempt in range(100):
+        status, _, body = client.request("GET", "/limits", headers={"X-API-Key": f"guess-{attempt:04d}"})
+        statuses.append(status)
+        if status == 429:
+            assert json.loads(body) == {"detail": "Too many requests."}
+    assert set(statuses) == {403, 429}
+    assert statuses.count(429) >= 40, statuses  # 20 r/s with a burst of 40: most guesses never reach the app
+    assert statuses[:20] == [403] * 20
+
+
+def test_rate_limit_per_key_leaves_other_keys_alone(stack: Stack) -> None:
+    time.sleep(3)
+    client = stack.client()
+    statuses = [client.request("GET", "/limits", headers=KEY)[0] for _ in range(30)]
+    assert statuses[:15] == [200] * 15 and 429 in statuses, statuses  # 10 r/s with a burst of 20
+    assert client.request("GET", "/limits", headers=ADMIN)[0] == 200
