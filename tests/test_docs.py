@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 import sys
 import types
+from typing import Any
+
+import anyio
 import pytest
 
 from ai_platform import hookspecs
@@ -14,7 +17,7 @@ from support import ROOT
 DOC = ROOT / "docs" / "plugins.md"
 
 
-def test_python_examples_run(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_python_examples_run(monkeypatch: pytest.MonkeyPatch, platform_client: Any) -> None:
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
     assert len(blocks) >= 5
     # A real module, so that msgspec can resolve the examples' annotations.
@@ -22,6 +25,7 @@ def test_python_examples_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, module.__name__, module)
     for block in blocks:
         exec(compile(block, str(DOC), "exec"), module.__dict__)
+    anyio.run(module.test_headline_is_served, platform_client, "asyncio")
 
 
 HOOKS = sorted(new_plugin_manager().hook.__dict__)

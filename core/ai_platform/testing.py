@@ -45,13 +45,15 @@ _REPO = Path(__file__).resolve().parents[2]  # the source checkout, for an edita
 class FakeEngine:
     """Stands in for the runtime: answers from the prompt itself, instantly and deterministically.
 
-    ``generate`` echoes the last message's words (up to the token limit) and
-    adds two sentences; ``choose`` favours options that occur in the last
-    message. Set ``delay``, ``fail_with`` or ``unavailable`` to test the
-    platform's behaviour around slow, failing or missing models.
+    ``generate`` returns ``answer`` if set, else echoes the last message's
+    words (up to the token limit) and adds two sentences; ``choose`` favours
+    options that occur in the last message. Set ``delay``, ``fail_with`` or
+    ``unavailable`` to test the platform around slow, failing or missing models.
+    ``calls`` records every ``(operation, model call)``.
     """
 
     models: dict[str, str] = field(default_factory=dict)
+    answer: str | None = None
     unavailable: set[str] = field(default_factory=set)
     delay: float = 0.0
     fail_with: BaseException | None = None
@@ -96,6 +98,8 @@ class FakeEngine:
 
     async def generate(self, operation: str, call: Generate, *, max_output_tokens: int) -> Completion:
         await self._enter(operation, call)
+        if self.answer is not None:
+            return Completion(text=self.answer, output_tokens=len(self.answer.split()), finish_reason="stop")
         words = call.messages[-1].content.split()
         produced = words[:max_output_tokens]
         text = " ".join(produced) + ". Second sentence. Third sentence."
@@ -202,5 +206,7 @@ def tiny_model_dir() -> Path:
     if not Path(python).exists():
         pytest.fail(f"no export environment at {python}: set AI_PLATFORM_EXPORT_PYTHON (see `make install`)")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    subprocess.run([python, "-m", "ai_platform.export", "tiny", "--out", str(out)], check=True, env=env, stdout=sys.stderr)
+    subprocess.run(
+        [python, "-m", "ai_platform.export", "tiny", "--out", str(out)], check=True, env=env, stdout=sys.stderr
+    )
     return out
