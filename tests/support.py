@@ -6,10 +6,10 @@ import os
 import re
 from pathlib import Path
 
+from ai_platform.testing import ADMIN_KEY, CLIENT_KEY, export_python
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = Path(os.environ.get("AI_PLATFORM_DEMO_MODEL", ROOT / "models" / "smollm2-135m-instruct"))
-
-from ai_platform.testing import ADMIN_KEY, CLIENT_KEY, export_python
 
 EXPORT_PYTHON = export_python()
 

@@ -39,10 +39,14 @@ async def test_sentiment_end_to_end_on_the_tiny_model(env: dict[str, str], tiny_
         assert body["sentiment"] in {"positive", "negative", "neutral"}
         assert sum(body["scores"].values()) == pytest.approx(1.0)
         assert body["meta"]["model_used"] == tiny_model_dir.name
-        assert (await client.put("/limits", json={"operation": "sentiment", "daily_limit": 1}, headers=ADMIN)).status_code == 200
+        assert (
+            await client.put("/limits", json={"operation": "sentiment", "daily_limit": 1}, headers=ADMIN)
+        ).status_code == 200
         r = await client.post("/operations/sentiment", json={"text": "again"}, headers=KEY)
         assert r.status_code == 429
-        usage = {u["operation"]: u["request_count"] for u in (await client.get("/limits/usage", headers=KEY)).json()["usage"]}
+        usage = {
+            u["operation"]: u["request_count"] for u in (await client.get("/limits/usage", headers=KEY)).json()["usage"]
+        }
         assert usage["sentiment"] == 1
         plugins = {p["name"]: p for p in (await client.get("/plugins", headers=ADMIN)).json()["plugins"]}
         assert plugins["redact"]["hooks"] == ["build_model_call", "build_response"]
@@ -55,4 +59,6 @@ async def test_disabling_the_example_removes_its_route(env: dict[str, str]) -> N
     async with AsyncTestClient(create_app(settings, engine=FakeEngine())) as client:
         r = await client.post("/operations/sentiment", json={"text": "hi"}, headers=KEY)
         assert r.status_code == 404
-        assert "sentiment" not in {o["name"] for o in (await client.get("/operations", headers=KEY)).json()["operations"]}
+        assert "sentiment" not in {
+            o["name"] for o in (await client.get("/operations", headers=KEY)).json()["operations"]
+        }

@@ -11,9 +11,9 @@ from litestar.testing import AsyncTestClient
 from ai_platform.app import create_app
 from ai_platform.errors import LimitExceededError
 from ai_platform.settings import Settings
+from ai_platform.testing import FakeEngine
 from ai_platform.usage.database import database
 from ai_platform.usage.limit_service import LimitService
-from ai_platform.testing import FakeEngine
 from support import ADMIN_KEY, CLIENT_KEY, SEED_MODELS, SUMMARIZE
 
 pytestmark = pytest.mark.anyio

@@ -6,8 +6,8 @@ import dataclasses
 import subprocess
 import sys
 import types
-from importlib.metadata import EntryPoint
 from collections.abc import Generator
+from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +184,10 @@ def test_plugin_secrets_come_from_the_environment(monkeypatch: pytest.MonkeyPatc
     loaded = load_plugins(extra_plugins=[(name, module)], use_entry_points=False, config=config)
     assert "needs the environment variable SECRETIVE_TOKEN" in (loaded.plugins[0].error or "")
     monkeypatch.setenv("SECRETIVE_TOKEN", "t0ken")
-    assert load_plugins(extra_plugins=[(name, module)], use_entry_points=False, config=config).plugins[0].status == "loaded"
+    assert (
+        load_plugins(extra_plugins=[(name, module)], use_entry_points=False, config=config).plugins[0].status
+        == "loaded"
+    )
     literal = {"secretive": {"api_token": "written-in-the-file"}}
     loaded = load_plugins(extra_plugins=[(name, module)], use_entry_points=False, config=literal)
     assert "looks secret" in (loaded.plugins[0].error or "")
@@ -207,9 +210,7 @@ def test_incompatible_plugin_api_version_is_refused() -> None:
     module.PLUGIN_API_VERSION = 2  # type: ignore[attr-defined]
     loaded = load_plugins(extra_plugins=[(name, module)], use_entry_points=False)
     assert loaded.plugins[0].status == "failed"
-    assert loaded.plugins[0].error == (
-        "built for plugin API version 2; this AI Platform supports plugin API version 1"
-    )
+    assert loaded.plugins[0].error == ("built for plugin API version 2; this AI Platform supports plugin API version 1")
 
 
 @pytest.mark.anyio

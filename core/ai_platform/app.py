@@ -22,9 +22,9 @@ from ai_platform.api.audit_middleware import AuditMiddleware
 from ai_platform.api.auth import API_KEY_HEADER, KeyRing, api_key_middleware
 from ai_platform.api.errors import EXCEPTION_HANDLERS
 from ai_platform.api.routes_metrics import metrics_route
+from ai_platform.api.routes_operations import operation_route, unknown_operation_route
 from ai_platform.api.routes_plugins import introspection_routes
 from ai_platform.api.routes_quotas import quota_routes
-from ai_platform.api.routes_operations import operation_route, unknown_operation_route
 from ai_platform.api.routes_system import health_route, limit_routes
 from ai_platform.api.validation import validate_body
 from ai_platform.errors import ConfigurationError

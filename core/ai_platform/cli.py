@@ -49,6 +49,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_migrate(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from ai_platform.usage.database import database
+
+    settings = _settings()
+
+    async def migrate() -> None:
+        async with database(settings.database_url):
+            pass
+
+    asyncio.run(migrate())
+    print("database schema is up to date")
+
+
 def cmd_plugins(args: argparse.Namespace) -> None:
     from ai_platform.plugins import describe, load_configured_plugins
 
@@ -115,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--port", type=int, help="port (default: PORT or 8000)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     serve.set_defaults(func=cmd_serve)
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the usage database schema")
+    migrate.set_defaults(func=cmd_migrate)
 
     plugins = sub.add_parser("plugins", help="list plugins and their status; `plugins new NAME` scaffolds one")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")

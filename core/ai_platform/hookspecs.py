@@ -50,7 +50,7 @@ def build_model_call(operation: Operation, request: Any) -> ModelCall:  # type: 
 
 
 @hookspec(firstresult=True)
-def build_response(operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any:  # type: ignore[type-arg,empty-body]
+def build_response(operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
     """Turn the model's result into the operation's response struct.
 
     The core's implementation calls ``operation.respond(request, result, meta)``.

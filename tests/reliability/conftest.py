@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from harness import HERE, PostgresServer, ServerProcess, free_port, pg_bindir
+from tortoise.backends.base.executor import EXECUTOR_CACHE
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +36,17 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Each test that takes this runs once on SQLite and once on PostgreSQL."""
+    # Tortoise caches each table's INSERT per connection name, not per dialect: a process that
+    # switches database kinds (only tests do) must drop it, or PostgreSQL gets SQLite's "?".
+    EXECUTOR_CACHE.clear()
     if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'usage.sqlite3'}"
-    server: PostgresServer = request.getfixturevalue("postgres")
-    return server.new_database()
+        yield f"sqlite://{tmp_path / 'usage.sqlite3'}"
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres")
+        yield server.new_database()
+    EXECUTOR_CACHE.clear()
 
 
 @pytest.fixture

@@ -11,15 +11,25 @@ import sqlite3
 import subprocess
 import time
 import uuid
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
 import psutil
 import pytest
 
+T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
+
+
+def run_sync(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` to completion from sync code, even when called inside a running event loop."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, work).result()
 
 
 def free_port() -> int:
@@ -80,7 +90,7 @@ class PostgresServer:
             finally:
                 await connection.close()
 
-        asyncio.run(create())
+        run_sync(create())
         return self.url(name)
 
 
@@ -136,4 +146,4 @@ def query(database_url: str, sql: str) -> list[tuple[object, ...]]:
         finally:
             await connection.close()
 
-    return asyncio.run(fetch())
+    return run_sync(fetch())

@@ -127,8 +127,9 @@ def quota_routes(limits: LimitService, settings: Settings) -> list[HTTPRouteHand
         guards=[admin_only],
     )
     async def delete_quota(key: FromPath[str], operation: FromPath[str]) -> None:
-        if not await limits.delete_quota(key, operation):
-            raise NotFoundError(f"No quota for key id '{key[:16]}' on operation '{operation[:64]}'.")
+        # Checked before the database sees them: path parameters are arbitrary client text.
+        if key not in key_ids or operation not in await _operations() or not await limits.delete_quota(key, operation):
+            raise NotFoundError("No such quota.")
 
     @get(
         "/usage/keys",

@@ -58,7 +58,7 @@ def decode_body(body: bytes, target: type[Any]) -> Any:
         return msgspec.json.decode(body, type=target)
     except msgspec.ValidationError as exc:
         raise RequestValidationError([_entry(str(exc), body)]) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ["body"], "msg": f"Invalid JSON: {exc}", "input": None}]
         ) from None
@@ -101,7 +101,7 @@ def _value_at(body: bytes, loc: list[str | int]) -> Any:
         value: Any = msgspec.json.decode(body)
         for part in loc[1:]:
             value = value[part]
-    except (msgspec.DecodeError, KeyError, IndexError, TypeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, KeyError, IndexError, TypeError):
         return None
     if isinstance(value, str) and len(value) > 100:
         return value[:100] + "…"

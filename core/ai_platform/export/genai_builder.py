@@ -41,5 +41,7 @@ def export_genai(hf_dir: Path, out: Path, precision: str, python: str, cache: Pa
 def builder_versions(python: str) -> dict[str, str]:
     """Versions of the builder environment's packages that shape the graph, for the build stamp."""
     script = "from importlib.metadata import version as v; print(v('onnxruntime-genai'), v('transformers'))"
-    genai, transformers = subprocess.run([python, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    genai, transformers = subprocess.run(
+        [python, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split()
     return {"onnxruntime-genai": genai, "transformers (builder)": transformers}

@@ -71,7 +71,12 @@ def _onnx_greedy(model_path: Path, prompt_ids: list[int]) -> tuple[list[int], np
     # Past inputs are [batch, kv_heads, past_len, head_dim]; builder graphs leave head_dim symbolic.
     config = json.loads((model_path.parent / "config.json").read_text())
     heads = config["num_attention_heads"]
-    kv_shape = (1, config.get("num_key_value_heads") or heads, 0, config.get("head_dim") or config["hidden_size"] // heads)
+    kv_shape = (
+        1,
+        config.get("num_key_value_heads") or heads,
+        0,
+        config.get("head_dim") or config["hidden_size"] // heads,
+    )
     past = {
         arg.name: np.zeros(kv_shape, dtype=np.float32)
         for arg in session.get_inputs()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from ai_platform.errors import ConfigurationError, ModelUnavailableError
 from ai_platform.operations import Choice, Choose, Completion, Generate
-from ai_platform.runtime.model import LanguageModel
 from ai_platform.runtime.kv_batch import new_batch
+from ai_platform.runtime.model import LanguageModel
 from ai_platform.runtime.onnx_model import EXECUTION_PROVIDERS
 from ai_platform.runtime.scheduler import ContinuousBatch
 from ai_platform.runtime.worker import ModelWorker

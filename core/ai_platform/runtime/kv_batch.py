@@ -78,7 +78,9 @@ class PaddedBatch:
             np.concatenate([_pad_left(ours, 2, length), _pad_left(theirs, 2, length)])
             for ours, theirs in zip(self._past, past, strict=True)
         ]
-        self._mask = np.concatenate([_pad_left(self._mask, 1, length), _pad_left(np.ones((1, len(prompt)), np.int64), 1, length)])
+        self._mask = np.concatenate(
+            [_pad_left(self._mask, 1, length), _pad_left(np.ones((1, len(prompt)), np.int64), 1, length)]
+        )
         self._positions = np.concatenate([self._positions, [[len(prompt)]]])
         return logits
 
@@ -112,6 +114,11 @@ class SharedBufferBatch:
         self._buffers: list[np.ndarray] = []
         self._logits = np.zeros((0, 1, decoder.vocab_size), dtype=decoder.logits_dtype)
         self._binding = decoder.session.io_binding()
+        self._bound_layout: tuple[object, ...] | None = None
+        self._keep_one = np.asarray(1, dtype=np.int64)
+        # Bound inputs point into these arrays: they must live until the next step replaces them.
+        self._ids = np.zeros((0, 1), dtype=decoder.ids_dtype)
+        self._mask = np.zeros((0, 0), dtype=decoder.mask_dtype)
         self._size = 0
 
     @property
@@ -124,15 +131,11 @@ class SharedBufferBatch:
         if rows <= have_rows and length <= have_length:
             return
         rows = max(rows, 2 * have_rows)
-        length = min(max(length, have_length), self._decoder.max_positions)
-        length = min(-(-length // LENGTH_STEP) * LENGTH_STEP, self._decoder.max_positions)
+        length = min(-(-max(length, have_length) // LENGTH_STEP) * LENGTH_STEP, self._decoder.max_positions)
         shape = (rows, self._decoder.kv_heads, length, self._decoder.head_dim)
-        grown = []
-        for old in self._buffers or [None] * len(self._decoder.past_names):
-            buffer = np.zeros(shape, dtype=self._decoder.kv_dtype)
-            if old is not None:
-                buffer[: self._size, :, : old.shape[2]] = old[: self._size]
-            grown.append(buffer)
+        grown = [np.zeros(shape, dtype=self._decoder.kv_dtype) for _ in self._decoder.past_names]
+        for new, old in zip(grown, self._buffers, strict=False):  # no old buffers on the first call
+            new[: self._size, :, : old.shape[2]] = old[: self._size]
         self._buffers = grown
         lengths = np.zeros(rows, dtype=np.int64)
         lengths[: self._size] = self._lengths[: self._size]
@@ -155,15 +158,27 @@ class SharedBufferBatch:
         rows = self._size
         total = int(self._lengths[:rows].max()) + 1
         self._reserve(rows, total)
-        mask = (np.arange(total) <= self._lengths[:rows, None]).astype(self._decoder.mask_dtype)
-        ids = np.asarray(tokens, dtype=self._decoder.ids_dtype)[:, None]
+        binding = self._binding
+        # The cache and logits bindings (120 calls for 60 KV tensors) change only with the row
+        # count or a grown buffer; ids and mask change every step and are bound by name again.
+        layout = (rows, self._buffers[0].ctypes.data, self._buffers[0].shape, self._logits.ctypes.data)
+        if layout != self._bound_layout:
+            self._bind_buffers(rows)
+            self._bound_layout = layout
+        self._ids = np.asarray(tokens, dtype=self._decoder.ids_dtype)[:, None]
+        self._mask = (np.arange(total) <= self._lengths[:rows, None]).astype(self._decoder.mask_dtype)
+        binding.bind_cpu_input("input_ids", self._ids)
+        binding.bind_cpu_input("attention_mask", self._mask)
+        self._decoder.session.run_with_iobinding(binding)
+        self._lengths[:rows] += 1
+        return self._logits[:rows, 0]
+
+    def _bind_buffers(self, rows: int) -> None:
         binding = self._binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
         if self._decoder.keeps_logits:
-            binding.bind_cpu_input(KEEP_LOGITS_INPUT, np.asarray(1, dtype=np.int64))
+            binding.bind_cpu_input(KEEP_LOGITS_INPUT, self._keep_one)
         kv_type = self._decoder.kv_dtype
         for past, present, buffer in zip(
             self._decoder.past_names, self._decoder.present_names, self._buffers, strict=True
@@ -172,10 +187,8 @@ class SharedBufferBatch:
             pointer = buffer.ctypes.data  # rows are the leading axis: the first `rows` are contiguous
             binding.bind_input(past, "cpu", 0, kv_type, shape, pointer)
             binding.bind_output(present, "cpu", 0, kv_type, shape, pointer)
-        binding.bind_output("logits", "cpu", 0, self._logits.dtype, (rows, 1, self._logits.shape[2]), self._logits.ctypes.data)
-        self._decoder.session.run_with_iobinding(binding)
-        self._lengths[:rows] += 1
-        return self._logits[:rows, 0]
+        logits_shape = (rows, 1, self._logits.shape[2])
+        binding.bind_output("logits", "cpu", 0, self._logits.dtype, logits_shape, self._logits.ctypes.data)
 
     def remove(self, row: int) -> None:
         last = self._size - 1

@@ -133,17 +133,21 @@ class ModelWorker:
                     self._wakeup.wait()
                 if self._closed:
                     break
-                waiting = self._waiting
-                while batch and waiting and isinstance(waiting[0], SequenceRequest):
-                    if batch.active + len(admitted) >= batch.max_batch:
+                # Sequences at the head of the queue join while the batch has room; a job
+                # there runs alone once none were admitted, keeping arrival order.
+                while self._waiting and batch is not None and batch.active + len(admitted) < batch.max_batch:
+                    head = self._waiting[0]
+                    if not isinstance(head, SequenceRequest):
                         break
-                    admitted.append(waiting.popleft())  # type: ignore[arg-type]
-                if not admitted and waiting and isinstance(waiting[0], _Job):
-                    self._running = waiting.popleft()
+                    admitted.append(head)
+                    self._waiting.popleft()
+                if self._waiting and not admitted and isinstance(self._waiting[0], _Job):
+                    self._running = self._waiting[0]
+                    self._waiting.popleft()
             job = self._running
             for request in admitted:
-                if not request.cancelled.is_set():
-                    batch.admit(request)  # type: ignore[union-attr]
+                if batch is not None and not request.cancelled.is_set():
+                    batch.admit(request)
             if job is not None and not job.cancelled.is_set():
                 job.run()
             if batch and batch.active:

@@ -22,7 +22,7 @@ import asyncpg
 from tortoise import Tortoise, connections
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.context import TortoiseContext
-from tortoise.exceptions import BaseORMException
+from tortoise.exceptions import BaseORMException, DBConnectionError
 from tortoise.migrations.executor import MigrationExecutor, MigrationTarget
 from tortoise.migrations.recorder import MigrationRecorder
 
@@ -47,6 +47,9 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
 )
 
+# SQLite's messages when the file is busy, unreadable or full (others, like "no such table", are bugs).
+SQLITE_OUTAGES = ("locked", "busy", "unable to open", "disk", "readonly", "not a database")
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -61,9 +64,23 @@ def translate_errors(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitab
         except DatabaseUnavailableError:
             raise
         except DATABASE_ERRORS as exc:
+            if not is_outage(exc):
+                raise
             raise DatabaseUnavailableError("The usage database is unavailable; try again shortly.") from exc
 
     return wrapper
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a database error means unreachable, busy or out of space, rather than a bug (stays a 500)."""
+    cause = exc.__cause__ or exc.__context__ or exc  # Tortoise wraps driver errors, not always with "from"
+    if isinstance(cause, asyncpg.SyntaxOrAccessError | asyncpg.DataError | asyncpg.IntegrityConstraintViolationError):
+        return False
+    if isinstance(cause, sqlite3.Error):
+        return any(word in str(cause).lower() for word in SQLITE_OUTAGES)
+    return isinstance(
+        cause, OSError | TimeoutError | DBConnectionError | asyncpg.PostgresError | asyncpg.InterfaceError
+    )
 
 
 def _sqlite_path(url: str) -> Path | None:

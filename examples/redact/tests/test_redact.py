@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-
 import ai_platform_redact
-from ai_platform.testing import CLIENT_HEADERS, FakeEngine
+import pytest
 from ai_platform_redact import redact
+
+from ai_platform.testing import CLIENT_HEADERS, FakeEngine
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,9 @@ async def test_masks_model_input_and_response(platform_client, anyio_backend: st
 
     engine = FakeEngine()
     text = "Contact jane@example.com or +44 20 7946 0958 about the invoice."
-    async with platform_client(("summarize", ai_platform_summarize), ("redact", ai_platform_redact), engine=engine) as client:
+    async with platform_client(
+        ("summarize", ai_platform_summarize), ("redact", ai_platform_redact), engine=engine
+    ) as client:
         r = await client.post("/operations/summarize", json={"text": text}, headers=CLIENT_HEADERS)
         assert r.status_code == 200, r.text
     [(_, call)] = engine.calls

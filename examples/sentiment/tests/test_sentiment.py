@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import ai_platform_sentiment
 import pytest
 
-import ai_platform_sentiment
 from ai_platform.testing import CLIENT_HEADERS, check_operation
 
 pytestmark = pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -26,7 +26,9 @@ def test_labels_come_from_config(anyio_backend: str) -> None:
 @pytest.mark.anyio
 async def test_served_limited_and_counted(platform_client, anyio_backend: str) -> None:  # type: ignore[no-untyped-def]
     async with platform_client(("sentiment", ai_platform_sentiment)) as client:
-        r = await client.post("/operations/sentiment", json={"text": "What a great, positive day!"}, headers=CLIENT_HEADERS)
+        r = await client.post(
+            "/operations/sentiment", json={"text": "What a great, positive day!"}, headers=CLIENT_HEADERS
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["sentiment"] == "positive"  # the fake engine favours labels that occur in the text
