@@ -262,8 +262,10 @@ async def test_validation_errors_use_the_seed_format(
 )  # fmt: skip
 async def test_malformed_bodies_are_4xx_json(client: AsyncTestClient, content: bytes, content_type: str) -> None:  # type: ignore[type-arg]
     r = await client.post("/operations/summarize", content=content, headers={**KEY, "Content-Type": content_type})
-    assert 400 <= r.status_code < 500
-    assert r.json()["error"] == "Request validation failed."
+    assert r.status_code == 422
+    body = r.json()
+    assert body["error"] == "Request validation failed."
+    assert body["detail"][0]["type"] in {"json_invalid", "dict_type"}
 
 
 async def test_body_size_limit(client: AsyncTestClient) -> None:  # type: ignore[type-arg]

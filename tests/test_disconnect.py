@@ -41,7 +41,7 @@ async def test_disconnect_cancels_generation_and_is_not_counted(env: dict[str, s
     serving = asyncio.create_task(server.serve())
     try:
         await eventually(lambda: server.started)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
         body = json.dumps(SUMMARIZE).encode()
         writer.write(
             b"POST /operations/summarize HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"

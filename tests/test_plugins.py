@@ -113,7 +113,11 @@ def test_misspelt_hook_fails_check_pending() -> None:
 @pytest.mark.anyio
 async def test_disabled_plugin_has_no_route_and_failed_plugin_shows_in_health(env: dict[str, str]) -> None:
     settings = Settings.from_mapping({**env, "DISABLED_PLUGINS": "translate"})
-    plugins = load_plugins(disabled=settings.disabled_plugins, extra_plugins=[plugin("broken", ZeroDivisionError)])
+    plugins = load_plugins(
+        enabled=[*BUILT_INS, "broken"],
+        disabled=settings.disabled_plugins,
+        extra_plugins=[plugin("broken", ZeroDivisionError)],
+    )
     app = create_app(settings, plugins=plugins, engine=FakeEngine())
     async with AsyncTestClient(app) as client:
         r = await client.post("/operations/translate", json={"text": "x"}, headers={"X-API-Key": CLIENT_KEY})
@@ -291,3 +295,11 @@ def test_broken_installed_package_is_isolated(tmp_path: Path, monkeypatch: pytes
     assert set(loaded.operations) >= BUILT_INS
     with pytest.raises(PluginError, match="plugin 'broken' failed"):
         load_plugins(strict=True)
+
+
+def test_duplicate_plugin_name_leaves_the_first_one_working() -> None:
+    loaded = load_plugins(extra_plugins=[plugin("summarize", renamed("impostor"))])
+    reports = [p for p in loaded.plugins if p.name == "summarize"]
+    assert [(p.status, p.operations) for p in reports] == [("loaded", ["summarize"]), ("failed", [])]
+    assert reports[1].error == "another plugin is already registered under this name"
+    assert "summarize" in loaded.operations and "impostor" not in loaded.operations

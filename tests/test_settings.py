@@ -72,3 +72,9 @@ def test_env_example_is_valid_and_complete() -> None:
     text = example.read_text()
     for field in Settings.__struct_fields__:
         assert field.upper() in text, f"{field.upper()} is not documented in .env.example"
+
+
+def test_redacted_hides_the_database_password() -> None:
+    settings = Settings.from_mapping({**BASE, "DATABASE_URL": "postgres://app:hunter2@db:5432/ai"})
+    assert "hunter2" not in repr(settings)
+    assert settings.redacted()["DATABASE_URL"] == "postgres://app:***@db:5432/ai"

@@ -27,7 +27,6 @@ from ai_platform.api.routes_plugins import introspection_routes
 from ai_platform.api.routes_quotas import quota_routes
 from ai_platform.api.routes_system import health_route, limit_routes
 from ai_platform.api.validation import validate_body
-from ai_platform.errors import ConfigurationError
 from ai_platform.logging_config import logging_config
 from ai_platform.metrics import PlatformMetrics
 from ai_platform.plugins import LoadedPlugins, load_configured_plugins
@@ -82,7 +81,7 @@ class PlatformPlugin(InitPluginProtocol):
         app_config.route_handlers.append(unknown_operation_route(self.service))
         app_config.route_handlers.extend(limit_routes(self.limits))
         app_config.route_handlers.extend(quota_routes(self.limits, self.settings))
-        app_config.route_handlers.append(health_route(self.engine, self.plugins.plugins))
+        app_config.route_handlers.append(health_route(self.engine, self.plugins))
         app_config.route_handlers.extend(introspection_routes(self.plugins, self.engine))
         app_config.route_handlers.append(metrics_route(self.metrics, self.settings.metrics_access))
 
@@ -99,8 +98,8 @@ class PlatformPlugin(InitPluginProtocol):
         async def lifespan(_: Litestar) -> AsyncIterator[None]:
             async with database(self.settings.database_url):
                 await self.limits.recover()
-                await self.engine.start()
                 try:
+                    await self.engine.start()
                     log.info("%s serving operations: %s", self.settings.app_name, ", ".join(self.plugins.operations))
                     yield
                 finally:
@@ -122,27 +121,6 @@ class PlatformPlugin(InitPluginProtocol):
         )
 
 
-def resolve_models(settings: Settings, plugins: LoadedPlugins) -> dict[str, str]:
-    """Map each operation to its model folder; an operation with none is reported and dropped."""
-    models: dict[str, str] = {}
-    for name in list(plugins.operations):
-        model = settings.operation_model_map.get(name, settings.default_model)
-        if model is None:
-            message = f"no model for operation '{name}': add it to OPERATION_MODEL_MAP or set DEFAULT_MODEL"
-            if settings.strict_plugins:
-                raise ConfigurationError(message)
-            log.error("%s (operation disabled)", message)
-            del plugins.operations[name]
-            owner = next(p for p in plugins.plugins if name in p.operations)
-            owner.operations.remove(name)
-            owner.error = message
-            continue
-        models[name] = model
-    for name in settings.operation_model_map.keys() - plugins.operations.keys():
-        log.warning("OPERATION_MODEL_MAP names '%s', which is not an available operation", name)
-    return models
-
-
 def create_app(
     settings: Settings,
     *,
@@ -153,7 +131,7 @@ def create_app(
     """Build the app. Tests pass their own ``plugins`` and a fake ``engine``."""
     if plugins is None:
         plugins = load_configured_plugins(settings)
-    models = resolve_models(settings, plugins)
+    models = plugins.assign_models(settings)
     if engine is None:
         from ai_platform.runtime.engine import InferenceEngine  # heavy import: only when serving
 

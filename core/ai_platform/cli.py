@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -70,6 +71,7 @@ def cmd_plugins(args: argparse.Namespace) -> None:
     settings = _settings()
     try:
         loaded = load_configured_plugins(settings)
+        loaded.assign_models(settings)
     except (PluginError, ConfigurationError) as exc:
         sys.exit(f"ai-platform: {exc}")
     if args.json:
@@ -102,15 +104,16 @@ def cmd_init_env(args: argparse.Namespace) -> None:
         return
     client, admin = f"dev-client-{secrets.token_urlsafe(24)}", f"dev-admin-{secrets.token_urlsafe(24)}"
     model = args.model
-    path.write_text(
-        "# Development settings written by `ai-platform init-env` (see .env.example for every setting).\n"
-        f"SECRET_KEY={secrets.token_urlsafe(48)}\n"
-        f'VALID_API_KEYS=["{client}"]\n'
-        f'ADMIN_API_KEYS=["{admin}"]\n'
-        f'OPERATION_MODEL_MAP={{"summarize":"{model}","translate":"{model}","classify":"{model}"}}\n'
-        f"DEFAULT_MODEL={model}\n"
-    )
-    path.chmod(0o600)
+    # Created private: the keys are never readable by others, not even for a moment.
+    with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), "w") as env_file:
+        env_file.write(
+            "# Development settings written by `ai-platform init-env` (see .env.example for every setting).\n"
+            f"SECRET_KEY={secrets.token_urlsafe(48)}\n"
+            f'VALID_API_KEYS=["{client}"]\n'
+            f'ADMIN_API_KEYS=["{admin}"]\n'
+            f'OPERATION_MODEL_MAP={{"summarize":"{model}","translate":"{model}","classify":"{model}"}}\n'
+            f"DEFAULT_MODEL={model}\n"
+        )
     print(f"wrote {path} with new development keys")
 
 

@@ -153,3 +153,6 @@ class Operation(Generic[Req, Resp]):
         for label in ("prompt", "respond", "input_text"):
             if not callable(getattr(self, label)):
                 raise ValueError(f"operation {self.name!r}: {label} must be callable")
+        request_fields = {f.name for f in msgspec.structs.fields(self.request_type)}
+        if self.input_text is _request_text and "text" not in request_fields:
+            raise ValueError(f"operation {self.name!r}: request_type has no 'text' field; pass input_text=")

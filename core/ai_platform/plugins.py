@@ -9,6 +9,7 @@ startup instead.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, Literal, cast
 import pluggy
 
 from ai_platform import hookspecs
-from ai_platform.errors import PluginError
+from ai_platform.errors import ConfigurationError, PluginError
 from ai_platform.operations import ModelCall, Operation, ResponseMeta
 from ai_platform.plugin_config import read_plugin_config, resolve_section
 from ai_platform.settings import Settings
@@ -52,8 +53,34 @@ class LoadedPlugins:
     operations: dict[str, Operation]  # type: ignore[type-arg]
 
     @property
-    def failed(self) -> list[PluginInfo]:
-        return [p for p in self.plugins if p.status == "failed"]
+    def problems(self) -> list[PluginInfo]:
+        """Plugins that failed, or lost an operation to configuration (shown in ``/health``)."""
+        return [p for p in self.plugins if p.error is not None]
+
+    def owner_of(self, operation: str) -> PluginInfo:
+        return next(p for p in self.plugins if operation in p.operations)
+
+    def assign_models(self, settings: Settings) -> dict[str, str]:
+        """Map each operation to its model folder; an operation with none is reported and dropped."""
+        models: dict[str, str] = {}
+        for name in list(self.operations):
+            model = settings.operation_model_map.get(name, settings.default_model)
+            if model is None:
+                message = f"no model for operation '{name}': add it to OPERATION_MODEL_MAP or set DEFAULT_MODEL"
+                if settings.strict_plugins:
+                    raise ConfigurationError(message)
+                log.error("%s (operation not served)", message)
+                owner = self.owner_of(name)
+                del self.operations[name]
+                owner.operations.remove(name)
+                owner.error = message
+                if not owner.operations:
+                    owner.status = "failed"
+                continue
+            models[name] = model
+        for name in settings.operation_model_map.keys() - self.operations.keys():
+            log.warning("OPERATION_MODEL_MAP names '%s', which is not an available operation", name)
+        return models
 
     def build_model_call(self, operation: Operation, request: Any) -> ModelCall:  # type: ignore[type-arg]
         """The ``build_model_call`` hook: the operation's prompt, as wrapped by plugins."""
@@ -130,17 +157,17 @@ class _Loader:
         self.operations: dict[str, Operation] = {}  # type: ignore[type-arg]
         self._by_name: dict[str, PluginInfo] = {}
 
-    def report(self, name: str, source: object, status: PluginStatus, error: str | None = None) -> PluginInfo:
+    def report(self, name: str, source: object, status: PluginStatus) -> PluginInfo:
         dist = source.dist if isinstance(source, EntryPoint) else None
         info = PluginInfo(
             name=name,
             distribution=dist.name if dist else None,
             version=dist.version if dist else None,
             status=status,
-            error=error,
         )
         self.infos.append(info)
-        self._by_name[name] = info
+        # A second plugin under a taken name is reported, but never replaces the first.
+        self._by_name.setdefault(name, info)
         return info
 
     def fail(self, info: PluginInfo, error: str) -> None:
@@ -149,12 +176,13 @@ class _Loader:
             raise PluginError(message)
         log.error("%s (skipped; set STRICT_PLUGINS=true to make this fatal)", message)
         info.status, info.error, info.operations = "failed", error, []
-        if self.pm.get_plugin(info.name) is not None:
+        if self._by_name[info.name] is info and self.pm.get_plugin(info.name) is not None:
             self.pm.unregister(name=info.name)
 
     def register(self, name: str, source: EntryPoint | object) -> None:
+        taken = name in self._by_name
         info = self.report(name, source, "loaded")
-        if name in [p.name for p in self.infos[:-1]]:
+        if taken:
             self.fail(info, "another plugin is already registered under this name")
             return
         try:
@@ -162,7 +190,7 @@ class _Loader:
             _check_api_version(plugin)
             self.pm.register(plugin, name=name)
         except Exception as exc:
-            self.fail(info, str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}")
+            self.fail(info, _describe_error(exc))
             return
         info.hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
 
@@ -188,18 +216,25 @@ class _Loader:
                 # Each implementation receives the subset of arguments it asks for (pluggy's rule).
                 kwargs = {name: arguments[name] for name in impl.argnames}
                 operations: list[Any] = list(cast(Iterable[Any], impl.function(**kwargs)))
+                names: list[str] = []
                 for op in operations:
                     if not isinstance(op, Operation):
                         raise ValueError(f"register_operations returned {type(op).__name__}, not Operation")
                     op.validate()
-                    if op.name in self.operations or op.name in [o.name for o in operations if o is not op]:
+                    if op.name in self.operations or op.name in names:
                         owner = next((p.name for p in self.infos if op.name in p.operations), impl.plugin_name)
                         raise ValueError(f"operation {op.name!r} is already provided by plugin {owner!r}")
+                    names.append(op.name)
             except Exception as exc:
-                self.fail(info, f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
+                self.fail(info, _describe_error(exc))
                 continue
             info.operations = [op.name for op in operations]
             self.operations.update((op.name, op) for op in operations)
+
+
+def _describe_error(exc: Exception) -> str:
+    # Our own messages are complete sentences; anything else is named by its type.
+    return str(exc) if isinstance(exc, PluginError | ValueError) else f"{type(exc).__name__}: {exc}"
 
 
 def _check_api_version(plugin: object) -> None:
@@ -223,15 +258,4 @@ def load_configured_plugins(settings: Settings) -> LoadedPlugins:
 
 def describe(plugins: Sequence[PluginInfo]) -> list[dict[str, Any]]:
     """Plugin reports as plain data (for JSON and the CLI)."""
-    return [
-        {
-            "name": p.name,
-            "distribution": p.distribution,
-            "version": p.version,
-            "status": p.status,
-            "operations": p.operations,
-            "hooks": p.hooks,
-            "error": p.error,
-        }
-        for p in plugins
-    ]
+    return [dataclasses.asdict(p) for p in plugins]

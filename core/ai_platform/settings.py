@@ -8,8 +8,8 @@ Invalid values raise :class:`ConfigurationError` naming the variable.
 from __future__ import annotations
 
 import json
-import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -95,14 +95,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         data = msgspec.to_builtins(self, enc_hook=str)
         for key in ("secret_key", "valid_api_keys", "admin_api_keys"):
             data[key] = "***" if isinstance(data[key], str) else [f"*** ({len(data[key])} keys)"]
+        data["database_url"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", data["database_url"])
         return {k.upper(): v for k, v in data.items()}
 
     def __repr__(self) -> str:
         return f"Settings({self.redacted()!r})"
-
-    @property
-    def log_level_number(self) -> int:
-        return logging.getLevelNamesMapping()[self.log_level]
 
 
 def _decode_path(kind: type, value: Any) -> Any:

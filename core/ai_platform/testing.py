@@ -31,7 +31,6 @@ import pytest
 
 from ai_platform.errors import ModelUnavailableError
 from ai_platform.operations import Choice, Choose, Completion, Generate, Operation, ResponseMeta
-from ai_platform.runtime.engine import ModelStatus
 
 CLIENT_KEY = "test-client-key-0123456789"
 ADMIN_KEY = "test-admin-key-0123456789"
@@ -67,7 +66,9 @@ class FakeEngine:
     async def close(self) -> None:
         self.started = False
 
-    def status(self) -> list[ModelStatus]:
+    def status(self) -> list[Any]:
+        from ai_platform.runtime.engine import ModelStatus  # onnxruntime: only when a test asks
+
         return [
             ModelStatus(
                 operation=op,
@@ -168,6 +169,7 @@ def platform_client(tmp_path: Path) -> PlatformClientFactory:
     from litestar.testing import AsyncTestClient
 
     from ai_platform.app import create_app
+    from ai_platform.plugin_config import read_plugin_config
     from ai_platform.plugins import load_plugins
     from ai_platform.settings import Settings
 
@@ -183,10 +185,18 @@ def platform_client(tmp_path: Path) -> PlatformClientFactory:
         if model_dir is not None:  # the real runtime on this model folder
             overrides.update(MODELS_DIR=str(model_dir.parent), DEFAULT_MODEL=model_dir.name)
         env = platform_env(tmp_path, **overrides)
-        loaded = load_plugins(extra_plugins=plugins, use_entry_points=entry_points)
+        configured = Settings.from_mapping(env)
+        loaded = load_plugins(
+            enabled=configured.enabled_plugins,
+            disabled=configured.disabled_plugins,
+            strict=configured.strict_plugins,
+            config=read_plugin_config(configured.plugins_config),
+            extra_plugins=plugins,
+            use_entry_points=entry_points,
+        )
         if engine is None and model_dir is None:
             engine = FakeEngine()
-        app = create_app(Settings.from_mapping(env), plugins=loaded, engine=engine)
+        app = create_app(configured, plugins=loaded, engine=engine)
         async with AsyncTestClient(app) as client:
             yield client
 

@@ -26,10 +26,11 @@ async def cancel_on_disconnect(request: Request[Any, Any, Any], work: Awaitable[
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
         if not task.done():
             task.cancel()
             # Let the cancellation finish: the reservation is released on the way out.
             await asyncio.gather(task, return_exceptions=True)
-            raise ClientDisconnectedError()
+        watcher.cancel()
+    if task.cancelled() and watcher.done() and not watcher.cancelled():
+        raise ClientDisconnectedError()
     return task.result()

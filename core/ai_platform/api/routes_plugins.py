@@ -20,7 +20,7 @@ def introspection_routes(plugins: LoadedPlugins, engine: Engine) -> list[HTTPRou
                     name=op.name,
                     summary=op.summary,
                     path=f"/operations/{op.name}",
-                    plugin=next(p.name for p in plugins.plugins if op.name in p.operations),
+                    plugin=plugins.owner_of(op.name).name,
                     model=engine.model_name(op.name),
                     max_input_chars=op.limits.max_input_chars,
                     max_output_tokens=op.limits.max_output_tokens,

@@ -24,7 +24,7 @@ from ai_platform.api.schemas import (
     UsageResponse,
 )
 from ai_platform.errors import RequestValidationError
-from ai_platform.plugins import PluginInfo
+from ai_platform.plugins import LoadedPlugins
 from ai_platform.services.orchestration import iso_timestamp
 from ai_platform.usage.limit_service import LimitInfo, LimitService
 
@@ -88,7 +88,7 @@ def limit_routes(limits: LimitService) -> list[HTTPRouteHandler]:
     return [get_limits, put_limits, get_usage]
 
 
-def health_route(engine: Any, plugins: list[PluginInfo]) -> HTTPRouteHandler:
+def health_route(engine: Any, plugins: LoadedPlugins) -> HTTPRouteHandler:
     started = time.monotonic()
     process = psutil.Process(os.getpid())
     psutil.cpu_percent(interval=None)  # the first reading is meaningless; prime it
@@ -106,7 +106,7 @@ def health_route(engine: Any, plugins: list[PluginInfo]) -> HTTPRouteHandler:
             )
             for s in engine.status()
         ]
-        failed = [PluginHealth(name=p.name, status=p.status, error=p.error) for p in plugins if p.status == "failed"]
+        failed = [PluginHealth(name=p.name, status=p.status, error=p.error) for p in plugins.problems]
         healthy = all(m.loaded for m in models) and not failed
         return HealthResponse(
             status="healthy" if healthy else "degraded",

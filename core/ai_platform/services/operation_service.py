@@ -18,10 +18,6 @@ class OperationService:
     def __init__(self, orchestration: OrchestrationService) -> None:
         self._orchestration = orchestration
 
-    @property
-    def operations(self) -> dict[str, Operation]:  # type: ignore[type-arg]
-        return dict(self._orchestration.operations)
-
     def get(self, name: str) -> Operation:  # type: ignore[type-arg]
         try:
             return self._orchestration.operations[name]

@@ -49,16 +49,6 @@ class ExecutionHooks(Protocol):
     def build_response(self, operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any: ...  # type: ignore[type-arg]
 
 
-class DirectExecution:
-    """The operation's own ``prompt`` and ``respond``, with no plugin wrapping them."""
-
-    def build_model_call(self, operation: Operation, request: Any) -> Generate | Choose:  # type: ignore[type-arg]
-        return operation.prompt(request)
-
-    def build_response(self, operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
-        return operation.respond(request, result, meta)
-
-
 @dataclass(frozen=True)
 class Outcome:
     """A served request: its response, its cost, and the caller's limit after it."""
@@ -81,20 +71,20 @@ class OrchestrationService:
         limits: LimitService,
         *,
         timeout_seconds: float = 300.0,
-        hooks: ExecutionHooks | None = None,
+        hooks: ExecutionHooks,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.operations = operations
         self.engine = engine
         self.limits = limits
         self.timeout_seconds = timeout_seconds
-        self.hooks: ExecutionHooks = hooks or DirectExecution()
+        self.hooks = hooks
         self._clock = clock
 
     async def run(self, operation: Operation, request: Any, *, key_id: str) -> Outcome:  # type: ignore[type-arg]
         """Execute one validated request for the caller with key id ``key_id``."""
         started = time.perf_counter()
-        input_text = operation.input_text(request)
+        input_text = self._plugin_step(operation, "input_text", operation.input_text, request)
         self._check_input(operation, input_text)
         call = self._plugin_step(operation, "prompt", self.hooks.build_model_call, operation, request)
         reservation = await self.limits.admit(operation.name, key_id)

@@ -305,6 +305,8 @@ class LimitService:
             await self._give_back(reservation.id, reservation.operation, reservation.key_id, reservation.day)
         except DatabaseUnavailableError:
             log.warning("could not release reservation %d now; the sweep will", reservation.id)
+        except Exception:
+            log.exception("could not release reservation %d; the sweep will", reservation.id)
 
     @translate_errors
     async def _give_back(self, row_id: int, operation: str, key_id: str, day: date) -> bool:

@@ -1,4 +1,4 @@
-"""Redaction: e-mail addresses and phone numbers never reach the model, nor leave in a response.
+"""Redaction: e-mail addresses and phone numbers never reach the model, nor leave in generated text.
 
 A cross-cutting plugin: it adds no operation, it wraps every operation's
 ``build_model_call`` and ``build_response`` hooks (pluggy ``wrapper=True``).
@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from ai_platform import Message, Operation, ResponseMeta, hookimpl
+from ai_platform import Choice, Message, Operation, ResponseMeta, hookimpl
 
 PLUGIN_API_VERSION = 1
 
@@ -45,11 +45,14 @@ def _redact_value(value: Any) -> Any:
 @hookimpl(wrapper=True)
 def build_model_call(operation: Operation, request: Any) -> Any:  # type: ignore[type-arg]
     call = yield
-    messages = [Message(m.role, redact(m.content)) for m in call.messages]
-    return dataclasses.replace(call, messages=messages)
+    # A Choose call's options are left alone: they are the caller's own labels, and the
+    # response must name them exactly.
+    return dataclasses.replace(call, messages=[Message(m.role, redact(m.content)) for m in call.messages])
 
 
 @hookimpl(wrapper=True)
 def build_response(operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
     response = yield
+    if isinstance(result, Choice):
+        return response  # a choice among the caller's own labels: nothing the model wrote
     return _redact_value(response)
