@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 
 from ai_platform.testing import ADMIN_KEY, CLIENT_KEY, export_python
@@ -51,3 +52,10 @@ def assert_meta(meta: dict[str, object], operation: str, request: dict[str, obje
     assert isinstance(meta["execution_time_ms"], float) and meta["execution_time_ms"] >= 0
     assert meta["request_id"] == request["request_id"]
     assert ISO_UTC.match(str(meta["timestamp"]))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,6 +1,6 @@
 """The seed's HTTP contract: paths, fields, status codes and error bodies, through the real app.
 
-The model is faked (tests/fakes.py); usage runs on a real SQLite database.
+The model is faked (ai_platform.testing.FakeEngine); usage runs on a real SQLite database.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,9 +20,8 @@ from litestar.testing import AsyncTestClient
 
 from ai_platform.app import create_app
 from ai_platform.settings import Settings
-from support import CLASSIFY, CLIENT_KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, assert_meta
+from support import CLASSIFY, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, assert_meta, free_port
 
-KEY = {"X-API-Key": CLIENT_KEY}
 REQUESTS = {"summarize": SUMMARIZE, "translate": TRANSLATE, "classify": CLASSIFY}
 
 
@@ -100,12 +98,6 @@ async def test_missing_model_folder_is_503_and_others_keep_working(env: dict[str
         loaded = {m["name"]: (m["loaded"], m["error"]) for m in health["models"]}
         assert loaded["summarize (qwen-summarize)"] == (True, None)
         assert loaded["translate (qwen-translate)"] == (False, "model folder not found")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def call(port: int, method: str, path: str, body: object = None) -> tuple[int, dict[str, object]]:

@@ -8,8 +8,8 @@ import pytest
 
 from ai_platform.errors import ConfigurationError
 from ai_platform.settings import SEED_OPERATION_MODEL_MAP, Settings
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 BASE = {"SECRET_KEY": "s" * 32, "VALID_API_KEYS": '["key-a"]'}
 
 

@@ -1,6 +1,7 @@
 """AI Platform: task operations as plugins over local ONNX language models.
 
-Plugin authors need only what this module exports.
+Plugin authors need what this module exports (plus ``ai_platform.testing``
+for tests and ``ai_platform.languages`` for language names in prompts).
 """
 
 from ai_platform.hookspecs import hookimpl

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import HERE, PostgresServer, ServerProcess, free_port, pg_bindir
 from tortoise.backends.base.executor import EXECUTOR_CACHE
+
+from harness import HERE, PostgresServer, ServerProcess, pg_bindir
+from support import free_port
 
 
 @pytest.fixture(scope="session")

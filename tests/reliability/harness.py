@@ -6,7 +6,6 @@ import asyncio
 import glob
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import time
@@ -22,6 +21,8 @@ import httpx
 import psutil
 import pytest
 
+from support import free_port
+
 T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
 
@@ -30,12 +31,6 @@ def run_sync(work: Coroutine[Any, Any, T]) -> T:
     """Run ``work`` to completion from sync code, even when called inside a running event loop."""
     with ThreadPoolExecutor(1) as thread:
         return thread.submit(asyncio.run, work).result()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pg_bindir() -> Path:

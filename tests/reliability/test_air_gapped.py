@@ -12,9 +12,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from harness import free_port
 
-from support import CLASSIFY, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE
+from support import CLASSIFY, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from collections import Counter
 
 import httpx
 import pytest
-from harness import ServerProcess, query
 
+from harness import ServerProcess, query
 from support import ADMIN, KEY, SUMMARIZE
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,6 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-from harness import PostgresServer, query
 from litestar.testing import AsyncTestClient
 from tortoise import Tortoise, connections
 from tortoise.migrations.executor import MigrationExecutor
@@ -19,6 +18,7 @@ from ai_platform.settings import Settings
 from ai_platform.testing import FakeEngine
 from ai_platform.usage.database import APPS, BASELINE, MODELS_MODULE, database
 from ai_platform.usage.models import DailyUsage, KeyQuota
+from harness import PostgresServer, query
 from support import CLASSIFY, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE
 
 pytestmark = pytest.mark.anyio

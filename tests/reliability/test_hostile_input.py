@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
-from harness import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from litestar.testing import AsyncTestClient
@@ -19,6 +18,7 @@ from litestar.testing import AsyncTestClient
 from ai_platform.app import create_app
 from ai_platform.settings import Settings
 from ai_platform.testing import FakeEngine
+from harness import ServerProcess
 from support import ADMIN, CLASSIFY, KEY, SEED_MODELS
 
 EXAMPLES_PER_OPERATION = 60  # bounded so CI stays fast; raise locally for a longer hunt

@@ -1,8 +1,7 @@
 """Application layer: the entry point routes call to execute an operation.
 
-A thin façade over orchestration, kept so that cross-cutting concerns
-(hooks around execution, tracing) have one place to go without touching
-routes or orchestration.
+A thin façade over orchestration: routes look operations up and run them
+here, so that HTTP concerns never meet model or usage concerns.
 """
 
 from __future__ import annotations
