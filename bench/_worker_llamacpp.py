@@ -22,6 +22,8 @@ def main(new_tokens: int, runs: int, threads: int, gguf: str, prompt_file: str, 
     ids = json.loads(Path(prompt_file).read_text())
     results = []
     for run in range(runs + 1):
+        # Without reset() the generator would reuse the previous run's KV cache for the shared prefix.
+        llm.reset()
         generator = llm.generate(ids, temp=0.0, top_k=1, reset=True)
         t0 = time.perf_counter()
         next(generator)

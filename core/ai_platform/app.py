@@ -140,6 +140,7 @@ def create_app(
             models,
             execution_provider=settings.execution_provider,
             max_queue=settings.max_queue_per_model,
+            max_batch=settings.max_batch_per_model,
         )
     return Litestar(
         plugins=[PlatformPlugin(settings, plugins, engine)],

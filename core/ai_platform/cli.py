@@ -50,6 +50,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_models_export(args: argparse.Namespace) -> None:
+    """Run the exporter in the export environment (torch, optimum): the server's own stays lean."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    export_python = Path(
+        os.environ.get("AI_PLATFORM_EXPORT_PYTHON", root / ".cache" / "export-venv" / "bin" / "python")
+    )
+    genai_python = Path(os.environ.get("AI_PLATFORM_GENAI_PYTHON", root / ".cache" / "genai-venv" / "bin" / "python"))
+    needed = [export_python] + ([genai_python] if args.format == "genai" else [])
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        sys.exit(f"ai-platform: no export environment at {', '.join(missing)}: run `make export-tools` first")
+    out = Path(args.models_dir or _settings().models_dir) / args.name
+    command = [str(export_python), "-m", "ai_platform.export", "hf", "--source", args.source, "--out", str(out)]
+    command += ["--format", args.format, "--precision", args.precision, "--genai-python", str(genai_python)]
+    env = {**os.environ, "PYTHONPATH": str(root / "core"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    sys.exit(subprocess.run(command, env=env).returncode)
+
+
 def cmd_migrate(args: argparse.Namespace) -> None:
     import asyncio
 
@@ -133,6 +153,15 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--port", type=int, help="port (default: PORT or 8000)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     serve.set_defaults(func=cmd_serve)
+
+    models = sub.add_parser("models", help="model folders").add_subparsers(dest="models_command", required=True)
+    export = models.add_parser("export", help="export a local Hugging Face folder to a served ONNX model folder")
+    export.add_argument("source", help="Hugging Face model folder (config.json, tokenizer, weights); no network used")
+    export.add_argument("name", help="folder name to create under MODELS_DIR, e.g. qwen-summarize")
+    export.add_argument("--format", choices=("genai", "optimum"), default="genai", help="graph (default: %(default)s)")
+    export.add_argument("--precision", choices=("int4", "fp32"), default="int4", help="weights (default: %(default)s)")
+    export.add_argument("--models-dir", help="default: the MODELS_DIR setting")
+    export.set_defaults(func=cmd_models_export)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the usage database schema")
     migrate.set_defaults(func=cmd_migrate)

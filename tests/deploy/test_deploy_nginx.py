@@ -97,6 +97,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
         "LOG_DIR": str(folder / "logs"),
         "MODELS_DIR": str(models),
         "METRICS_ACCESS": "loopback",
+        "ENABLED_PLUGINS": "summarize,translate,classify",  # the seed's operations, whatever else is installed
     }
     crt, key = self_signed_certificate(folder)
     app_port, http_port, https_port = free_port(), free_port(), free_port()
