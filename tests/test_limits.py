@@ -88,3 +88,16 @@ async def test_timeout_is_504_and_not_counted(env: dict[str, str]) -> None:
         assert engine.cancelled == 1  # the model work was stopped, not left running
         usage = (await client.get("/limits/usage", headers={"X-API-Key": CLIENT_KEY})).json()["usage"]
         assert all(u["request_count"] == 0 for u in usage)
+
+
+async def test_full_queue_is_503_with_retry_after_and_not_counted(env: dict[str, str]) -> None:
+    from ai_platform.errors import OverloadedError
+
+    engine = FakeEngine(models=dict(SEED_MODELS), fail_with=OverloadedError("Model 'qwen-summarize' is busy."))
+    async with AsyncTestClient(create_app(Settings.from_mapping(env), engine=engine)) as client:
+        r = await client.post("/operations/summarize", json=SUMMARIZE, headers={"X-API-Key": CLIENT_KEY})
+        assert r.status_code == 503
+        assert r.headers["Retry-After"] == "1"
+        assert r.json() == {"detail": "Model 'qwen-summarize' is busy."}
+        usage = (await client.get("/limits/usage", headers={"X-API-Key": CLIENT_KEY})).json()["usage"]
+        assert all(u["request_count"] == 0 for u in usage)
