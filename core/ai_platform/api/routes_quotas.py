@@ -15,7 +15,8 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath, FromQuery, JSONBody
 
 from ai_platform.api.auth import Principal, admin_only
-from ai_platform.errors import NotFoundError, RequestValidationError
+from ai_platform.api.validation import not_one_of
+from ai_platform.errors import NotFoundError
 from ai_platform.services.orchestration import iso_timestamp
 from ai_platform.settings import Settings
 from ai_platform.usage.audit import key_id
@@ -79,27 +80,11 @@ def _usage_response(rows: list[KeyUsageInfo]) -> KeyUsageResponse:
     )
 
 
-def _invalid(field: str, allowed: list[str], value: str) -> RequestValidationError:
-    return RequestValidationError(
-        [
-            {
-                "type": "enum",
-                "loc": ["body", field],
-                "msg": f"Input should be one of: {', '.join(allowed)}",
-                "input": value,
-            }
-        ]
-    )
-
-
 def quota_routes(limits: LimitService, settings: Settings) -> list[HTTPRouteHandler]:
     # Only configured keys can be given quotas: a typo must not silently set nothing.
     key_ids = list(
         dict.fromkeys(key_id(k, settings.secret_key) for k in settings.valid_api_keys + settings.admin_api_keys)
     )
-
-    async def _operations() -> list[str]:
-        return [i.operation for i in await limits.limits()]
 
     @get("/quotas", tags=["quotas"], summary="Every per-key quota (admin key).", guards=[admin_only])
     async def get_quotas() -> QuotasResponse:
@@ -114,10 +99,9 @@ def quota_routes(limits: LimitService, settings: Settings) -> list[HTTPRouteHand
     )
     async def put_quota(data: JSONBody[QuotaUpdate]) -> QuotaEntry:
         if data.key_id not in key_ids:
-            raise _invalid("key_id", ["the key id of a configured key (see GET /usage/keys)"], data.key_id)
-        operations = await _operations()
-        if data.operation not in operations:
-            raise _invalid("operation", operations, data.operation)
+            raise not_one_of("key_id", ["the key id of a configured key (see GET /usage/keys)"], data.key_id)
+        if data.operation not in limits.operations:
+            raise not_one_of("operation", limits.operations, data.operation)
         return _quota_entry(await limits.set_quota(data.key_id, data.operation, data.daily_limit))
 
     @delete(
@@ -128,7 +112,7 @@ def quota_routes(limits: LimitService, settings: Settings) -> list[HTTPRouteHand
     )
     async def delete_quota(key: FromPath[str], operation: FromPath[str]) -> None:
         # Checked before the database sees them: path parameters are arbitrary client text.
-        if key not in key_ids or operation not in await _operations() or not await limits.delete_quota(key, operation):
+        if key not in key_ids or operation not in limits.operations or not await limits.delete_quota(key, operation):
             raise NotFoundError("No such quota.")
 
     @get(

@@ -23,7 +23,7 @@ from ai_platform.api.schemas import (
     UsageEntry,
     UsageResponse,
 )
-from ai_platform.errors import RequestValidationError
+from ai_platform.api.validation import not_one_of
 from ai_platform.plugins import LoadedPlugins
 from ai_platform.services.orchestration import iso_timestamp
 from ai_platform.usage.limit_service import LimitInfo, LimitService
@@ -53,18 +53,8 @@ def limit_routes(limits: LimitService) -> list[HTTPRouteHandler]:
         opt={"body_type": LimitUpdate},
     )
     async def put_limits(data: JSONBody[LimitUpdate]) -> LimitEntry:
-        known = [i.operation for i in await limits.limits()]
-        if data.operation not in known:
-            raise RequestValidationError(
-                [
-                    {
-                        "type": "enum",
-                        "loc": ["body", "operation"],
-                        "msg": f"Input should be one of: {', '.join(known)}",
-                        "input": data.operation,
-                    }
-                ]
-            )
+        if data.operation not in limits.operations:
+            raise not_one_of("operation", limits.operations, data.operation)
         return _limit_entry(await limits.set_daily_limit(data.operation, data.daily_limit))
 
     @get("/limits/usage", tags=["limits"], summary="Today's usage of every operation.")

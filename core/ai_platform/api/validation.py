@@ -52,6 +52,20 @@ async def validate_body(request: Request[Any, Any, Any]) -> None:
         decode_body(await request.body(), body_type)
 
 
+def not_one_of(field: str, allowed: list[str], value: str) -> RequestValidationError:
+    """A 422 for a body field whose value is not among ``allowed`` (pydantic's ``enum`` error)."""
+    return RequestValidationError(
+        [
+            {
+                "type": "enum",
+                "loc": ["body", field],
+                "msg": f"Input should be one of: {', '.join(allowed)}",
+                "input": value,
+            }
+        ]
+    )
+
+
 def decode_body(body: bytes, target: type[Any]) -> Any:
     """Decode and validate a JSON body into ``target`` or raise :class:`RequestValidationError`."""
     try:

@@ -165,6 +165,11 @@ class LimitService:
 
     # -- operation limits --------------------------------------------------------------
 
+    @property
+    def operations(self) -> list[str]:
+        """The names of the operations this service counts."""
+        return list(self._operations)
+
     def _default_for(self, operation: str) -> int:
         return self._operations[operation].limits.daily_limit or self._default_daily_limit
 
