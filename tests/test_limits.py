@@ -101,3 +101,11 @@ async def test_full_queue_is_503_with_retry_after_and_not_counted(env: dict[str,
         assert r.json() == {"detail": "Model 'qwen-summarize' is busy."}
         usage = (await client.get("/limits/usage", headers={"X-API-Key": CLIENT_KEY})).json()["usage"]
         assert all(u["request_count"] == 0 for u in usage)
+
+
+def test_sqlite_connection_defaults_and_overrides() -> None:
+    from ai_platform.usage.database import connection_url
+
+    assert connection_url("sqlite://data/x.sqlite3") == "sqlite://data/x.sqlite3?busy_timeout=30000&synchronous=NORMAL"
+    assert connection_url("sqlite://x.db?synchronous=FULL") == "sqlite://x.db?synchronous=FULL&busy_timeout=30000"
+    assert connection_url("postgres://u:p@h/db") == "postgres://u:p@h/db"
