@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,22 +97,26 @@ def nginx_test(config: Path) -> subprocess.CompletedProcess[str]:
 
 @contextmanager
 def running_nginx(config: Path, port: int) -> Iterator[None]:
-    process = subprocess.Popen([require("nginx"), "-c", str(config), "-g", "daemon off;"])
-    try:
-        wait_for_port(port, process, "nginx")
+    with _running([require("nginx"), "-c", str(config), "-g", "daemon off;"], port, "nginx"):
         yield
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @contextmanager
 def running_server(env: dict[str, str], cwd: Path, port: int, cli: Path | None = None) -> Iterator[None]:
     """``ai-platform serve`` in its own process, as systemd runs it."""
     cli = cli or Path(sys.executable).parent / "ai-platform"
-    process = subprocess.Popen([str(cli), "serve"], env={**os.environ, **env, "PORT": str(port)}, cwd=cwd)
+    with _running(
+        [str(cli), "serve"], port, "ai-platform serve", env={**os.environ, **env, "PORT": str(port)}, cwd=cwd
+    ):
+        yield
+
+
+@contextmanager
+def _running(command: list[str], port: int, what: str, **popen: Any) -> Iterator[None]:
+    """A process that serves ``port`` for the duration of the block, then is stopped."""
+    process = subprocess.Popen(command, **popen)
     try:
-        wait_for_port(port, process, "ai-platform serve")
+        wait_for_port(port, process, what)
         yield
     finally:
         process.terminate()
