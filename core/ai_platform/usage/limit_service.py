@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
 import psutil
-from tortoise.expressions import F
 from tortoise.models import Model
 from tortoise.transactions import in_transaction
 
 from ai_platform.errors import DatabaseUnavailableError, LimitExceededError
 from ai_platform.operations import Operation
+from ai_platform.usage import counters
 from ai_platform.usage.database import translate_errors
 from ai_platform.usage.models import DailyUsage, KeyDailyUsage, KeyQuota, OperationLimit
 from ai_platform.usage.models import Reservation as ReservationRow
@@ -178,11 +178,6 @@ class LimitService:
         return {name: overrides.get(name, self._default_for(name)) for name in self._operations}
 
     @translate_errors
-    async def daily_limit(self, operation: str) -> int:
-        override = await OperationLimit.get_or_none(operation=operation)
-        return override.daily_limit if override is not None else self._default_for(operation)
-
-    @translate_errors
     async def limits(self) -> list[LimitInfo]:
         daily = await self._daily_limits()
         return [self._info(name, daily[name]) for name in self._operations]
@@ -243,51 +238,43 @@ class LimitService:
     @translate_errors
     async def admit(self, operation: str, key_id: str) -> Reservation:
         """Reserve one request of today's allowance or raise :class:`LimitExceededError`."""
-        limit = await self.daily_limit(operation)
-        quota = await KeyQuota.get_or_none(key_id=key_id, operation=operation)
-        key_limit = quota.daily_limit if quota is not None else None
         try:
-            return await self._reserve(operation, key_id, limit, key_limit)
+            return await self._reserve(operation, key_id)
         except LimitExceededError:
             # Places held by crashed processes come back once their lease ends.
             if not await self.sweep_expired():
                 raise
-            return await self._reserve(operation, key_id, limit, key_limit)
+            return await self._reserve(operation, key_id)
 
-    async def _reserve(self, operation: str, key_id: str, limit: int, key_limit: int | None) -> Reservation:
+    async def _reserve(self, operation: str, key_id: str) -> Reservation:
         day = self.today()
         owner = self._owner or Owner.current()
-        where = {"operation": operation, "day": day}
-        key_where = {"key_id": key_id, **where}
-        async with in_transaction():
-            used = await _take(DailyUsage, where, limit)
-            if used is None:
-                used = await _used(DailyUsage, where)
-                raise self._exceeded(
-                    f"Daily limit exceeded for operation '{operation}': {used}/{limit} requests used today.", limit
-                )
-            key_used = await _take(KeyDailyUsage, key_where, key_limit)
-            if key_used is None:
-                key_used = await _used(KeyDailyUsage, key_where)
-                raise self._exceeded(
+        default = self._default_for(operation)
+        async with in_transaction() as conn:
+            taken, key_taken = await counters.take(conn, operation, key_id, day, default)
+            if taken is None or key_taken is None:
+                limit, key_limit = await counters.limits(conn, operation, key_id)
+                if taken is None:
+                    used = await _used(DailyUsage, {"operation": operation, "day": day})
+                    limit = default if limit is None else limit
+                    raise self._exceeded(
+                        f"Daily limit exceeded for operation '{operation}': {used}/{limit} requests used today.", limit
+                    )
+                key_used = await _used(KeyDailyUsage, {"key_id": key_id, "operation": operation, "day": day})
+                raise self._exceeded(  # leaving the transaction rolls back the operation's increment too
                     f"Daily quota exceeded for this API key on operation '{operation}': "
                     f"{key_used}/{key_limit} requests used today.",
                     key_limit or 0,
                 )
-            row = await ReservationRow.create(
-                operation=operation,
-                key_id=key_id,
-                day=day,
-                host=owner.host,
-                pid=owner.pid,
-                process_started=owner.started,
-                expires_at=self._clock() + self._lease,
+            row_id = await counters.reserve(
+                conn, operation, key_id, day, (owner.host, owner.pid, owner.started), self._clock() + self._lease
             )
-        candidates = [(limit, limit - used)]
-        if key_limit is not None and key_used is not None:
-            candidates.append((key_limit, key_limit - key_used))
+        assert taken.limit is not None  # the operation's limit always has a value
+        candidates = [(taken.limit, taken.limit - taken.used)]
+        if key_taken.limit is not None:
+            candidates.append((key_taken.limit, key_taken.limit - key_taken.used))
         tightest, remaining = min(candidates, key=lambda c: c[1])
-        return Reservation(row.id, operation, key_id, day, RateLimit(tightest, remaining, self.seconds_until_reset()))
+        return Reservation(row_id, operation, key_id, day, RateLimit(tightest, remaining, self.seconds_until_reset()))
 
     def _exceeded(self, detail: str, limit: int) -> LimitExceededError:
         rate = RateLimit(limit, 0, self.seconds_until_reset())
@@ -296,13 +283,14 @@ class LimitService:
     @translate_errors
     async def commit(self, reservation: Reservation, *, tokens: int) -> None:
         """The request succeeded: keep its count and add its tokens."""
-        async with in_transaction():
-            if await ReservationRow.filter(id=reservation.id).delete():
-                await _count(reservation.operation, reservation.key_id, reservation.day, 0, tokens)
+        r = reservation
+        async with in_transaction() as conn:
+            if await counters.settle(conn, r.id):
+                await counters.count(conn, r.operation, r.key_id, r.day, 0, tokens)
             else:
                 # Swept while running (its lease outlived by a stalled process): it did succeed, so count it.
-                log.warning("reservation %d was swept before it committed; counting it again", reservation.id)
-                await _count(reservation.operation, reservation.key_id, reservation.day, 1, tokens)
+                log.warning("reservation %d was swept before it committed; counting it again", r.id)
+                await counters.count(conn, r.operation, r.key_id, r.day, 1, tokens)
 
     async def release(self, reservation: Reservation) -> None:
         """The request failed: give its reservation back. Never raises (the request's own error matters)."""
@@ -315,10 +303,10 @@ class LimitService:
 
     @translate_errors
     async def _give_back(self, row_id: int, operation: str, key_id: str, day: date) -> bool:
-        async with in_transaction():
-            if not await ReservationRow.filter(id=row_id).delete():
+        async with in_transaction() as conn:
+            if not await counters.settle(conn, row_id):
                 return False  # already settled by someone else
-            await _count(operation, key_id, day, -1, 0)
+            await counters.count(conn, operation, key_id, day, -1, 0)
             return True
 
     # -- crash recovery ----------------------------------------------------------------
@@ -367,33 +355,6 @@ class LimitService:
         ]
 
 
-async def _take(model: type[Model], where: dict[str, object], limit: int | None) -> int | None:
-    """Count one more request in the row ``where`` unless it is at ``limit``; the new count, or None if full.
-
-    Inside the admission transaction: its first statement is this UPDATE, so
-    SQLite takes the write lock up front (no read-to-write upgrade to fail).
-    """
-    bounded = model.filter(**where) if limit is None else model.filter(**where, request_count__lt=limit)
-    if not await bounded.update(request_count=F("request_count") + 1):
-        # No row yet when the UPDATE looked: create it, unless a concurrent request just did. Then
-        # ask again: only an UPDATE that sees the row (PostgreSQL re-reads it) may say "full",
-        # or a burst of first requests would be refused with the allowance untouched.
-        if not await model.filter(**where).exists():
-            await model.bulk_create([model(**where)], ignore_conflicts=True)
-        if not await bounded.update(request_count=F("request_count") + 1):
-            return None
-    return await _used(model, where)
-
-
 async def _used(model: type[Model], where: dict[str, object]) -> int:
     row = await model.filter(**where).first()
     return int(row.request_count) if row is not None else 0  # type: ignore[attr-defined]
-
-
-async def _count(operation: str, key_id: str, day: date, requests: int, tokens: int) -> None:
-    """Adjust the operation's and the key's counters together (always in this order, so no deadlock)."""
-    if not (requests or tokens):
-        return
-    changes = {"request_count": F("request_count") + requests, "total_tokens": F("total_tokens") + tokens}
-    await DailyUsage.filter(operation=operation, day=day).update(**changes)
-    await KeyDailyUsage.filter(key_id=key_id, operation=operation, day=day).update(**changes)
