@@ -1,102 +1,118 @@
 """Per-request platform overhead: HTTP + auth + validation + limits + usage + plugin, without the model.
 
-Serves the real app (real uvicorn socket, SQLite usage database, built-in plugins) in
-this process with a stub engine that answers instantly, and times requests from a
-client thread. The stub's own time is measured too (calling the runtime directly);
-the difference is what the platform adds to every request.
+Serves the real app (uvicorn, SQLite usage database, built-in plugins, audit) in a
+process of its own with an engine that answers instantly, and times sequential
+requests from this process over one keep-alive connection (as nginx's upstream
+keepalive does). The instant engine's own time is measured too (calling the
+runtime directly); the difference is what the platform adds to every request.
+Rounds alternate between uvicorn's fast stack (uvloop + httptools, what
+``ai-platform serve`` uses) and its pure-Python one (asyncio + h11).
 
-    .venv/bin/python bench/overhead.py [--requests 300]
+    .venv/bin/python bench/overhead.py [--requests 300] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import uvicorn
-from _server import bench_env, free_port, post
-
-from ai_platform.app import create_app
-from ai_platform.operations import Choice, Choose, Completion, Generate
-from ai_platform.runtime.engine import ModelStatus
-from ai_platform.settings import Settings
+from _server import KEY, bench_env, free_port
 
 TEXT = "The meeting moved to Thursday. Bring the budget figures and the draft contract."
+STACKS = {"uvloop + httptools": ("uvloop", "httptools"), "asyncio + h11": ("asyncio", "h11")}
 
 
-class InstantEngine:
-    """An engine whose model calls cost nothing, so only the platform's own time remains."""
-
-    def __init__(self, operations: dict[str, str]) -> None:
-        self._operations = operations
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    def status(self) -> list[ModelStatus]:
-        return [ModelStatus(op, model, model, True, "stub", None) for op, model in self._operations.items()]
-
-    def model_name(self, operation: str) -> str:
-        return self._operations[operation]
-
-    async def generate(self, operation: str, call: Generate, *, max_output_tokens: int) -> Completion:
-        return Completion(text="The meeting moved to Thursday.", output_tokens=7, finish_reason="stop")
-
-    async def choose(self, operation: str, call: Choose) -> Choice:
-        return Choice(scores={option: 1 / len(call.options) for option in call.options}, output_tokens=1)
+def serve(folder: Path, loop: str, http_impl: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {**os.environ, **bench_env(folder, folder)}
+    command = [sys.executable, str(Path(__file__).with_name("_instant_server.py")), str(port), loop, http_impl]
+    server = subprocess.Popen(command, env=env)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/health")
+            connection.getresponse().read()
+            return server, port
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("server did not start") from None
+            time.sleep(0.1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=300)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings.from_mapping(bench_env(Path(tmp), Path(tmp)))
-        engine = InstantEngine(dict(settings.operation_model_map))
-        port = free_port()
-        config = uvicorn.Config(create_app(settings, engine=engine), port=port, log_level="warning")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
-        body = {"text": TEXT, "max_sentences": 1}
-        http = []
-        for k in range(args.requests + 20):  # the first 20 warm up
-            started = time.perf_counter()
-            status, answer = post(port, "/operations/summarize", body)
-            if status != 200:
-                raise RuntimeError(f"HTTP {status}: {answer}")
-            if k >= 20:
-                http.append(time.perf_counter() - started)
-        server.should_exit = True
-        thread.join()
+def timed_requests(port: int, count: int) -> list[float]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    body = json.dumps({"text": TEXT, "max_sentences": 1}).encode()
+    headers = {"Content-Type": "application/json", "X-API-Key": KEY}
+    times = []
+    for k in range(count + 50):  # the first 50 warm up
+        started = time.perf_counter()
+        connection.request("POST", "/operations/summarize", body, headers)
+        response = connection.getresponse()
+        answer = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {answer[:200]!r}")
+        if k >= 50:
+            times.append(time.perf_counter() - started)
+    return times
 
-    async def direct_calls() -> list[float]:
+
+def direct_calls(count: int) -> list[float]:
+    from _instant_server import InstantEngine
+
+    from ai_platform.operations import Generate
+
+    engine = InstantEngine({"summarize": "stub"})
+
+    async def calls() -> list[float]:
         times = []
-        for _ in range(args.requests):
+        for _ in range(count):
             started = time.perf_counter()
             await engine.generate("summarize", Generate(messages=[]), max_output_tokens=64)
             times.append(time.perf_counter() - started)
         return times
 
-    direct = asyncio.run(direct_calls())
-    p50_http, p50_direct = statistics.median(http) * 1000, statistics.median(direct) * 1000
-    p95_http = sorted(http)[int(0.95 * (len(http) - 1))] * 1000
-    print(f"\n{args.requests} sequential summarize requests, instant engine")
-    print("| path | p50 ms | p95 ms |")
-    print("|---|---|---|")
-    print(f"| HTTP through the platform | {p50_http:.2f} | {p95_http:.2f} |")
-    print(f"| engine called directly | {p50_direct:.3f} | |")
-    print(f"\nplatform overhead p50: {p50_http - p50_direct:.2f} ms")
+    return asyncio.run(calls())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    http_times: dict[str, list[float]] = {name: [] for name in STACKS}
+    round_p50: dict[str, list[float]] = {name: [] for name in STACKS}
+    for _ in range(args.rounds):
+        for name, (loop, http_impl) in STACKS.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                server, port = serve(Path(tmp), loop, http_impl)
+                try:
+                    times = timed_requests(port, args.requests)
+                finally:
+                    server.terminate()
+                    server.wait()
+            http_times[name] += times
+            round_p50[name].append(statistics.median(times) * 1000)
+    direct = statistics.median(direct_calls(args.requests)) * 1000
+    print(f"\n{args.requests} sequential summarize requests per round, {args.rounds} rounds, instant engine")
+    print("| path | p50 ms (median of rounds) | rounds' p50 ms | p95 ms | overhead p50 ms |")
+    print("|---|---|---|---|---|")
+    for name, times in http_times.items():
+        p50 = statistics.median(round_p50[name])
+        p95 = sorted(times)[int(0.95 * (len(times) - 1))] * 1000
+        rounds = ", ".join(f"{v:.2f}" for v in round_p50[name])
+        print(f"| HTTP, {name} | {p50:.2f} | {rounds} | {p95:.2f} | {p50 - direct:.2f} |")
+    print(f"| engine called directly | {direct:.3f} | | | |")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 
-from ai_platform.usage.models import AuditRecord
+from tortoise import connections
+
+from ai_platform.usage import statements
 
 log = logging.getLogger("ai_platform.audit")
 
@@ -20,6 +22,8 @@ def key_id(api_key: str, secret_key: str) -> str:
 
 @dataclass(frozen=True)
 class AuditEntry:
+    """One ``AuditRecord`` row, its fields in the table's column order."""
+
     timestamp: datetime
     request_id: str | None
     method: str
@@ -45,6 +49,6 @@ async def record(entry: AuditEntry) -> None:
         entry.request_id or "-",
     )
     try:
-        await AuditRecord.create(**asdict(entry))
+        await statements.audit(connections.get("default"), *vars(entry).values())
     except Exception:
         log.exception("could not write audit record for %s %s", entry.method, entry.path)

@@ -10,7 +10,7 @@ requests, workers or servers can push usage past a limit; a refused key
 quota rolls back the operation's increment too.
 
 A reservation is settled exactly once: whoever deletes its row (the request's
-commit or release, or the sweep of a dead process) adjusts the counters. So a
+commit or release, or the sweep of a dead process) adjusts the statements. So a
 request is counted iff it succeeded, even when its worker was killed.
 """
 
@@ -30,7 +30,7 @@ from tortoise.transactions import in_transaction
 
 from ai_platform.errors import DatabaseUnavailableError, LimitExceededError
 from ai_platform.operations import Operation
-from ai_platform.usage import counters
+from ai_platform.usage import statements
 from ai_platform.usage.database import translate_errors
 from ai_platform.usage.models import DailyUsage, KeyDailyUsage, KeyQuota, OperationLimit
 from ai_platform.usage.models import Reservation as ReservationRow
@@ -251,9 +251,9 @@ class LimitService:
         owner = self._owner or Owner.current()
         default = self._default_for(operation)
         async with in_transaction() as conn:
-            taken, key_taken = await counters.take(conn, operation, key_id, day, default)
+            taken, key_taken = await statements.take(conn, operation, key_id, day, default)
             if taken is None or key_taken is None:
-                limit, key_limit = await counters.limits(conn, operation, key_id)
+                limit, key_limit = await statements.limits(conn, operation, key_id)
                 if taken is None:
                     used = await _used(DailyUsage, {"operation": operation, "day": day})
                     limit = default if limit is None else limit
@@ -266,7 +266,7 @@ class LimitService:
                     f"{key_used}/{key_limit} requests used today.",
                     key_limit or 0,
                 )
-            row_id = await counters.reserve(
+            row_id = await statements.reserve(
                 conn, operation, key_id, day, (owner.host, owner.pid, owner.started), self._clock() + self._lease
             )
         assert taken.limit is not None  # the operation's limit always has a value
@@ -285,12 +285,12 @@ class LimitService:
         """The request succeeded: keep its count and add its tokens."""
         r = reservation
         async with in_transaction() as conn:
-            if await counters.settle(conn, r.id):
-                await counters.count(conn, r.operation, r.key_id, r.day, 0, tokens)
+            if await statements.settle(conn, r.id):
+                await statements.count(conn, r.operation, r.key_id, r.day, 0, tokens)
             else:
                 # Swept while running (its lease outlived by a stalled process): it did succeed, so count it.
                 log.warning("reservation %d was swept before it committed; counting it again", r.id)
-                await counters.count(conn, r.operation, r.key_id, r.day, 1, tokens)
+                await statements.count(conn, r.operation, r.key_id, r.day, 1, tokens)
 
     async def release(self, reservation: Reservation) -> None:
         """The request failed: give its reservation back. Never raises (the request's own error matters)."""
@@ -304,9 +304,9 @@ class LimitService:
     @translate_errors
     async def _give_back(self, row_id: int, operation: str, key_id: str, day: date) -> bool:
         async with in_transaction() as conn:
-            if not await counters.settle(conn, row_id):
+            if not await statements.settle(conn, row_id):
                 return False  # already settled by someone else
-            await counters.count(conn, operation, key_id, day, -1, 0)
+            await statements.count(conn, operation, key_id, day, -1, 0)
             return True
 
     # -- crash recovery ----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The statements every request runs: take a place under a limit, settle it, record the reservation.
+"""The statements every request runs: take a place under a limit, record the reservation, settle it, audit.
 
 They run on the connection of a Tortoise transaction (``in_transaction()``), as
 SQL written once for SQLite and PostgreSQL, because they are the whole per-request
@@ -8,7 +8,8 @@ limit, the key's quota, an UPDATE and a SELECT per counter, the INSERT) and
 counter's limit is read inside its own conditional UPDATE, which returns the new
 count (``RETURNING``), so admission is three statements (four for a key's first request of the day) and still exact across
 processes: the limit is whatever the row says when the UPDATE runs.
-Everything else (admin reads and writes, sweeps) stays on the ORM models.
+The audit row is one INSERT, without building a model instance. Everything else
+(admin reads and writes, sweeps, migrations) stays on the ORM models.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ _LIMITS = """
 _RESERVE = """
     INSERT INTO reservation (operation, key_id, day, host, pid, process_started, expires_at)
     VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id"""
+_AUDIT = """
+    INSERT INTO audit_record
+      (timestamp, request_id, method, path, operation, key_id, status, duration_ms, output_tokens)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 _SETTLE = "DELETE FROM reservation WHERE id = ? RETURNING id"
 _COUNT = (
     """UPDATE daily_usage SET request_count = request_count + ?, total_tokens = total_tokens + ?
@@ -135,3 +140,8 @@ async def count(conn: BaseDBAsyncClient, operation: str, key_id: str, day: date,
         return
     await _rows(conn, _COUNT[0], requests, tokens, operation, day)
     await _rows(conn, _COUNT[1], requests, tokens, key_id, operation, day)
+
+
+async def audit(conn: BaseDBAsyncClient, *values: Any) -> None:
+    """Insert one ``audit_record`` row (the columns in the model's order, without ``id``)."""
+    await _rows(conn, _AUDIT, *values)
