@@ -1,6 +1,6 @@
 """``bench/overhead.py``'s server: the real app with an engine that answers instantly.
 
-python bench/_instant_server.py PORT LOOP HTTP     (settings from the environment)
+python bench/_instant_server.py LOOP HTTP PORT     (settings from the environment)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class InstantEngine:
 
 
 if __name__ == "__main__":
-    port, loop, http_impl = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    loop, http_impl, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     settings = Settings.from_env(env_file=None)
     app = create_app(settings, engine=InstantEngine(dict(settings.operation_model_map)))
     uvicorn.run(app, port=port, loop=loop, http=http_impl, log_level="warning")

@@ -54,11 +54,13 @@ def post(port: int, path: str, body: object) -> tuple[int, dict[str, object]]:
         return error.code, json.loads(error.read())
 
 
-def start_server(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``.venv/bin/ai-platform serve`` and wait until /health answers."""
+def start_server(
+    env: dict[str, str], cwd: Path, command: list[str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``.venv/bin/ai-platform serve`` (or ``command`` plus a port) and wait until /health answers."""
     port = free_port()
-    cli = ROOT / ".venv" / "bin" / "ai-platform"
-    server = subprocess.Popen([str(cli), "serve", "--port", str(port)], env={**os.environ, **env}, cwd=cwd)
+    command = command or [str(ROOT / ".venv" / "bin" / "ai-platform"), "serve", "--port"]
+    server = subprocess.Popen([*command, str(port)], env={**os.environ, **env}, cwd=cwd)
     deadline = time.monotonic() + 180
     while True:
         try:

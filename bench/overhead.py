@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import http.client
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,29 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from _server import KEY, bench_env, free_port
+from _server import KEY, bench_env, start_server
 
 TEXT = "The meeting moved to Thursday. Bring the budget figures and the draft contract."
 STACKS = {"uvloop + httptools": ("uvloop", "httptools"), "asyncio + h11": ("asyncio", "h11")}
 
 
 def serve(folder: Path, loop: str, http_impl: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    env = {**os.environ, **bench_env(folder, folder)}
-    command = [sys.executable, str(Path(__file__).with_name("_instant_server.py")), str(port), loop, http_impl]
-    server = subprocess.Popen(command, env=env)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            connection.request("GET", "/health")
-            connection.getresponse().read()
-            return server, port
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError("server did not start") from None
-            time.sleep(0.1)
+    command = [sys.executable, str(Path(__file__).with_name("_instant_server.py")), loop, http_impl]
+    return start_server(bench_env(folder, folder), folder, command)
 
 
 def timed_requests(port: int, count: int) -> list[float]:
