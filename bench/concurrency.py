@@ -1,11 +1,13 @@
 """Aggregate tokens/s and latency through the HTTP server at 1, 4, 8 and 16 concurrent clients.
 
 Starts ``.venv/bin/ai-platform serve`` on a model folder with throwaway settings; each
-client sends summarize requests back to back; the table gives aggregate output tokens/s,
-the ratio to one client, and p50/p95 latency over all requests of a level, plus the
-server's peak RSS.
+client sends requests back to back; the table gives aggregate output tokens/s, the
+ratio to one client, and p50/p95 latency over all requests of a level, plus the
+server's peak RSS. Two workloads: ``summarize`` (short news texts, answers of a few
+dozen tokens: prefill is most of the work) and ``translate`` (paragraphs translated
+to French, answers of a few hundred tokens: decoding is most of the work).
 
-    .venv/bin/python bench/concurrency.py models/smollm2-135m-instruct [--requests-per-client 3]
+    .venv/bin/python bench/concurrency.py models/smollm2-135m-instruct [--workload translate]
 """
 
 from __future__ import annotations
@@ -31,22 +33,36 @@ TEXTS = (
 )
 
 
+PARAGRAPHS = (
+    " ".join(TEXTS[:2]) + " The next meeting will take place in the old school building on the first Monday of June.",
+    " ".join(TEXTS[2:]) + " Both announcements were published in the town's weekly newsletter on Friday morning.",
+)
+WORKLOADS = {
+    "summarize": ("/operations/summarize", [{"text": t, "max_sentences": 3} for t in TEXTS]),
+    "translate": (
+        "/operations/translate",
+        [{"text": t, "source_language": "en", "target_language": "fr"} for t in PARAGRAPHS],
+    ),
+}
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def level(port: int, clients: int, per_client: int) -> tuple[float, list[float], int]:
+def level(port: int, workload: str, clients: int, per_client: int) -> tuple[float, list[float], int]:
     """Run ``clients`` threads of ``per_client`` requests: (wall seconds, latencies, output tokens)."""
     latencies: list[float] = []
     tokens = [0]
     lock = threading.Lock()
 
+    path, bodies = WORKLOADS[workload]
+
     def client(index: int) -> None:
         for k in range(per_client):
-            text = TEXTS[(index + k) % len(TEXTS)]
             started = time.perf_counter()
-            status, body = post(port, "/operations/summarize", {"text": text, "max_sentences": 3})
+            status, body = post(port, path, bodies[(index + k) % len(bodies)])
             elapsed = time.perf_counter() - started
             if status != 200:
                 raise RuntimeError(f"HTTP {status}: {body}")
@@ -66,6 +82,7 @@ def level(port: int, clients: int, per_client: int) -> tuple[float, list[float],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="served model folder")
+    parser.add_argument("--workload", choices=WORKLOADS, default="summarize")
     parser.add_argument("--levels", default="1,4,8,16")
     parser.add_argument("--requests-per-client", type=int, default=3)
     args = parser.parse_args()
@@ -73,10 +90,10 @@ def main() -> None:
         env = bench_env(Path(tmp), args.model, MAX_QUEUE_PER_MODEL="64")
         server, port = start_server(env, Path(tmp))
         try:
-            level(port, 1, 1)  # warm-up
+            level(port, args.workload, 1, 1)  # warm-up
             rows = []
             for clients in (int(c) for c in args.levels.split(",")):
-                wall, latencies, tokens = level(port, clients, args.requests_per_client)
+                wall, latencies, tokens = level(port, args.workload, clients, args.requests_per_client)
                 rows.append(
                     (clients, tokens / wall, statistics.median(latencies), percentile(latencies, 0.95), len(latencies))
                 )
@@ -86,7 +103,8 @@ def main() -> None:
             server.wait(timeout=60)
     base = rows[0][1]
     print(
-        f"\nmodel {args.model}, summarize, {args.requests_per_client} requests per client; server peak RSS {rss:.0f} MB"
+        f"\nmodel {args.model}, {args.workload}, {args.requests_per_client} requests per client; "
+        f"server peak RSS {rss:.0f} MB"
     )
     print("| clients | aggregate tok/s | x one client | p50 s | p95 s | requests |")
     print("|---|---|---|---|---|---|")

@@ -5,6 +5,7 @@ The model is faked (ai_platform.testing.FakeEngine); usage runs on a real SQLite
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -343,7 +344,11 @@ async def test_audit_trail_and_log_never_hold_keys(client: AsyncTestClient, env:
     await client.put("/limits", json={"operation": "summarize", "daily_limit": 9}, headers=ADMIN)
     db = sqlite3.connect(env["DATABASE_URL"].removeprefix("sqlite://"))
     db.row_factory = sqlite3.Row
-    records = db.execute("SELECT * FROM audit_record ORDER BY id").fetchall()
+    for _ in range(50):  # rows are written in batches, within 0.1 s
+        records = db.execute("SELECT * FROM audit_record ORDER BY id").fetchall()
+        if len(records) == 3:
+            break
+        await asyncio.sleep(0.05)
     assert [(r["operation"], r["status"]) for r in records] == [("summarize", 200), ("summarize", 403), (None, 200)]
     ok = records[0]
     assert ok["request_id"] == "req-001" and ok["output_tokens"] > 0 and ok["key_id"] and ok["duration_ms"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from litestar.testing import AsyncTestClient
@@ -12,8 +13,10 @@ from ai_platform.app import create_app
 from ai_platform.errors import LimitExceededError
 from ai_platform.settings import Settings
 from ai_platform.testing import FakeEngine
+from ai_platform.usage.audit import AuditEntry, AuditTrail
 from ai_platform.usage.database import database
 from ai_platform.usage.limit_service import LimitService
+from ai_platform.usage.models import AuditRecord
 from support import ADMIN_KEY, CLIENT_KEY, SEED_MODELS, SUMMARIZE
 
 pytestmark = pytest.mark.anyio
@@ -109,3 +112,19 @@ def test_sqlite_connection_defaults_and_overrides() -> None:
     assert connection_url("sqlite://data/x.sqlite3") == "sqlite://data/x.sqlite3?busy_timeout=30000&synchronous=NORMAL"
     assert connection_url("sqlite://x.db?synchronous=FULL") == "sqlite://x.db?synchronous=FULL&busy_timeout=30000"
     assert connection_url("postgres://u:p@h/db") == "postgres://u:p@h/db"
+
+
+async def test_audit_rows_are_written_in_batches_and_flushed(tmp_path: Path) -> None:
+    trail = AuditTrail(flush_seconds=60, max_pending=100)
+    entry = AuditEntry(datetime.now(UTC), "r", "POST", "/operations/summarize", "summarize", "k", 200, 1.5, 3)
+    async with database(f"sqlite://{tmp_path}/audit.sqlite3"):
+        for _ in range(100):
+            trail.record(entry)  # the 100th starts a write without waiting for the timer
+        await asyncio.sleep(0.2)
+        assert await AuditRecord.all().count() == 100
+        for _ in range(20):
+            trail.record(entry)  # these wait for the timer...
+        await asyncio.sleep(0.2)
+        assert await AuditRecord.all().count() == 100
+        await trail.flush()  # ...or a flush (shutdown)
+        assert await AuditRecord.filter(status=200, output_tokens=3).count() == 120

@@ -33,6 +33,7 @@ from ai_platform.plugins import LoadedPlugins, load_configured_plugins
 from ai_platform.services.operation_service import OperationService
 from ai_platform.services.orchestration import Engine, OrchestrationService
 from ai_platform.settings import Settings
+from ai_platform.usage.audit import AuditTrail
 from ai_platform.usage.database import database
 from ai_platform.usage.limit_service import LimitService
 
@@ -58,6 +59,7 @@ class PlatformPlugin(InitPluginProtocol):
             lease_seconds=settings.request_timeout_seconds + 60,
         )
         self.metrics = PlatformMetrics(engine, plugins.operations)
+        self.audit = AuditTrail()
         self.service = OperationService(
             OrchestrationService(
                 plugins.operations,
@@ -87,7 +89,7 @@ class PlatformPlugin(InitPluginProtocol):
 
     def _configure_security(self, app_config: AppConfig) -> None:
         keyring = KeyRing(self.settings.valid_api_keys, self.settings.admin_api_keys, self.settings.secret_key)
-        app_config.middleware.extend([AuditMiddleware(self.metrics), api_key_middleware(keyring)])
+        app_config.middleware.extend([AuditMiddleware(self.metrics, self.audit), api_key_middleware(keyring)])
 
     def _configure_errors(self, app_config: AppConfig) -> None:
         app_config.exception_handlers.update(EXCEPTION_HANDLERS)
@@ -104,6 +106,7 @@ class PlatformPlugin(InitPluginProtocol):
                     yield
                 finally:
                     await self.engine.close()
+                    await self.audit.flush()
 
         app_config.lifespan.append(lifespan)
 

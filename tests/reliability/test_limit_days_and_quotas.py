@@ -129,6 +129,9 @@ async def test_per_key_quotas_and_rate_limit_headers(env: dict[str, str]) -> Non
         }
         assert refused.headers["Retry-After"] == refused.headers["X-RateLimit-Reset"]
         assert refused.headers["X-RateLimit-Remaining"] == "0"
+        # The refusal gave the operation's place back too (one transaction, rolled back).
+        ops = {u["operation"]: u for u in (await client.get("/limits/usage", headers=KEY)).json()["usage"]}
+        assert ops["summarize"]["request_count"] == 2
 
         # The operation's own limit is the tighter one elsewhere.
         other = await client.post("/operations/translate", json=TRANSLATE, headers=KEY)

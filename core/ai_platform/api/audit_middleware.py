@@ -20,8 +20,9 @@ class AuditMiddleware(ASGIMiddleware):
 
     scopes = ("http",)  # type: ignore[assignment]
 
-    def __init__(self, metrics: PlatformMetrics) -> None:
+    def __init__(self, metrics: PlatformMetrics, trail: audit.AuditTrail) -> None:
         self.metrics = metrics
+        self.trail = trail
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         started = time.perf_counter()
@@ -52,7 +53,7 @@ class AuditMiddleware(ASGIMiddleware):
                 duration_s=duration_s,
                 tokens=tokens,
             )
-            await audit.record(
+            self.trail.record(
                 audit.AuditEntry(
                     timestamp=datetime.now(UTC),
                     request_id=state.get("request_id"),

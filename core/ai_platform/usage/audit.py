@@ -1,16 +1,16 @@
-"""The audit trail: one database row and one log line per API request."""
+"""The audit trail: one log line and one database row per API request."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from tortoise import connections
-
 from ai_platform.usage import statements
+from ai_platform.usage.database import transactions
 
 log = logging.getLogger("ai_platform.audit")
 
@@ -35,20 +35,63 @@ class AuditEntry:
     output_tokens: int
 
 
-async def record(entry: AuditEntry) -> None:
-    """Write ``entry`` to the log and the database. Never raises: auditing must not fail a request."""
-    log.info(
-        "request method=%s path=%s operation=%s key_id=%s status=%d duration_ms=%.1f tokens=%d request_id=%s",
-        entry.method,
-        entry.path,
-        entry.operation or "-",
-        entry.key_id or "-",
-        entry.status,
-        entry.duration_ms,
-        entry.output_tokens,
-        entry.request_id or "-",
-    )
-    try:
-        await statements.audit(connections.get("default"), *vars(entry).values())
-    except Exception:
-        log.exception("could not write audit record for %s %s", entry.method, entry.path)
+class AuditTrail:
+    """One log line per request at once; the database rows in batches, one transaction each.
+
+    Rows wait at most ``flush_seconds`` (or until ``max_pending`` are waiting), so a
+    busy server writes one transaction per batch instead of one per request and no
+    request waits for its own audit row. A killed process loses at most the rows of
+    its last ``flush_seconds``; the log lines are written as they happen.
+    """
+
+    def __init__(self, *, flush_seconds: float = 0.1, max_pending: int = 256) -> None:
+        self._flush_seconds = flush_seconds
+        self._max_pending = max_pending
+        self._pending: list[AuditEntry] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._writing: asyncio.Task[None] | None = None
+
+    def record(self, entry: AuditEntry) -> None:
+        """Log ``entry`` and queue its row. Never raises: auditing must not fail a request."""
+        log.info(
+            "request method=%s path=%s operation=%s key_id=%s status=%d duration_ms=%.1f tokens=%d request_id=%s",
+            entry.method,
+            entry.path,
+            entry.operation or "-",
+            entry.key_id or "-",
+            entry.status,
+            entry.duration_ms,
+            entry.output_tokens,
+            entry.request_id or "-",
+        )
+        self._pending.append(entry)
+        if self._writing is not None:
+            return  # the running write takes it along
+        if len(self._pending) >= self._max_pending:
+            self._write_now()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._flush_seconds, self._write_now)
+
+    def _write_now(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._writing is None:
+            self._writing = asyncio.ensure_future(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await transactions().run(statements.audit_rows([tuple(vars(e).values()) for e in batch]))
+                except Exception:
+                    log.exception("could not write %d audit records", len(batch))
+        finally:
+            self._writing = None
+
+    async def flush(self) -> None:
+        """Write every queued row now (at shutdown, and for tests that read the table)."""
+        self._write_now()
+        if self._writing is not None:
+            await asyncio.shield(self._writing)

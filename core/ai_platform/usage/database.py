@@ -27,6 +27,7 @@ from tortoise.migrations.executor import MigrationExecutor, MigrationTarget
 from tortoise.migrations.recorder import MigrationRecorder
 
 from ai_platform.errors import DatabaseUnavailableError
+from ai_platform.usage.statements import Runner, runner_for
 
 MODELS_MODULE = "ai_platform.usage.models"
 MIGRATIONS_MODULE = "ai_platform.usage.migrations"
@@ -49,6 +50,8 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 
 # SQLite's messages when the file is busy, unreadable or full (others, like "no such table", are bugs).
 SQLITE_OUTAGES = ("locked", "busy", "unable to open", "disk", "readonly", "not a database")
+
+_transactions: Runner | None = None
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -168,11 +171,23 @@ async def database(url: str) -> AsyncIterator[TortoiseContext]:
         _create_private(sqlite_file)
     # Request handlers run in other tasks than the lifespan: the global fallback
     # lets them see this context (as Tortoise's own framework integrations do).
+    global _transactions
     ctx = await Tortoise.init(
         db_url=connection_url(url), modules={"models": [MODELS_MODULE]}, _enable_global_fallback=True
     )
     try:
         await migrate(url)
+        _transactions = runner_for(connections.get("default"))
         yield ctx
     finally:
+        if _transactions is not None:
+            _transactions.close()
+            _transactions = None
         await Tortoise.close_connections()
+
+
+def transactions() -> Runner:
+    """Where the per-request transactions (``ai_platform.usage.statements``) run while the database is open."""
+    if _transactions is None:
+        raise DatabaseUnavailableError("The usage database is not open.")
+    return _transactions

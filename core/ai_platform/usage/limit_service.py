@@ -25,13 +25,11 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
 import psutil
-from tortoise.models import Model
-from tortoise.transactions import in_transaction
 
 from ai_platform.errors import DatabaseUnavailableError, LimitExceededError
 from ai_platform.operations import Operation
 from ai_platform.usage import statements
-from ai_platform.usage.database import translate_errors
+from ai_platform.usage.database import transactions, translate_errors
 from ai_platform.usage.models import DailyUsage, KeyDailyUsage, KeyQuota, OperationLimit
 from ai_platform.usage.models import Reservation as ReservationRow
 
@@ -249,32 +247,25 @@ class LimitService:
     async def _reserve(self, operation: str, key_id: str) -> Reservation:
         day = self.today()
         owner = self._owner or Owner.current()
-        default = self._default_for(operation)
-        async with in_transaction() as conn:
-            taken, key_taken = await statements.take(conn, operation, key_id, day, default)
-            if taken is None or key_taken is None:
-                limit, key_limit = await statements.limits(conn, operation, key_id)
-                if taken is None:
-                    used = await _used(DailyUsage, {"operation": operation, "day": day})
-                    limit = default if limit is None else limit
-                    raise self._exceeded(
-                        f"Daily limit exceeded for operation '{operation}': {used}/{limit} requests used today.", limit
-                    )
-                key_used = await _used(KeyDailyUsage, {"key_id": key_id, "operation": operation, "day": day})
-                raise self._exceeded(  # leaving the transaction rolls back the operation's increment too
-                    f"Daily quota exceeded for this API key on operation '{operation}': "
-                    f"{key_used}/{key_limit} requests used today.",
-                    key_limit or 0,
-                )
-            row_id = await statements.reserve(
-                conn, operation, key_id, day, (owner.host, owner.pid, owner.started), self._clock() + self._lease
-            )
+        owner_row = (owner.host, owner.pid, owner.started)
+        admission = statements.admission(
+            operation, key_id, day, self._default_for(operation), owner_row, self._clock() + self._lease
+        )
+        result = await transactions().run(admission)
+        if isinstance(result, statements.Refused):
+            if result.key_quota:
+                detail = f"Daily quota exceeded for this API key on operation '{operation}': "
+            else:
+                detail = f"Daily limit exceeded for operation '{operation}': "
+            raise self._exceeded(f"{detail}{result.used}/{result.limit} requests used today.", result.limit)
+        taken, key_taken = result.operation, result.key
         assert taken.limit is not None  # the operation's limit always has a value
         candidates = [(taken.limit, taken.limit - taken.used)]
         if key_taken.limit is not None:
             candidates.append((key_taken.limit, key_taken.limit - key_taken.used))
         tightest, remaining = min(candidates, key=lambda c: c[1])
-        return Reservation(row_id, operation, key_id, day, RateLimit(tightest, remaining, self.seconds_until_reset()))
+        rate = RateLimit(tightest, remaining, self.seconds_until_reset())
+        return Reservation(result.reservation_id, operation, key_id, day, rate)
 
     def _exceeded(self, detail: str, limit: int) -> LimitExceededError:
         rate = RateLimit(limit, 0, self.seconds_until_reset())
@@ -284,13 +275,8 @@ class LimitService:
     async def commit(self, reservation: Reservation, *, tokens: int) -> None:
         """The request succeeded: keep its count and add its tokens."""
         r = reservation
-        async with in_transaction() as conn:
-            if await statements.settle(conn, r.id):
-                await statements.count(conn, r.operation, r.key_id, r.day, 0, tokens)
-            else:
-                # Swept while running (its lease outlived by a stalled process): it did succeed, so count it.
-                log.warning("reservation %d was swept before it committed; counting it again", r.id)
-                await statements.count(conn, r.operation, r.key_id, r.day, 1, tokens)
+        if not await transactions().run(statements.settlement(r.id, r.operation, r.key_id, r.day, tokens=tokens)):
+            log.warning("reservation %d was swept before it committed; counted it again", r.id)
 
     async def release(self, reservation: Reservation) -> None:
         """The request failed: give its reservation back. Never raises (the request's own error matters)."""
@@ -303,11 +289,7 @@ class LimitService:
 
     @translate_errors
     async def _give_back(self, row_id: int, operation: str, key_id: str, day: date) -> bool:
-        async with in_transaction() as conn:
-            if not await statements.settle(conn, row_id):
-                return False  # already settled by someone else
-            await statements.count(conn, operation, key_id, day, -1, 0)
-            return True
+        return await transactions().run(statements.settlement(row_id, operation, key_id, day, tokens=None))
 
     # -- crash recovery ----------------------------------------------------------------
 
@@ -353,8 +335,3 @@ class LimitService:
             )
             for name in self._operations
         ]
-
-
-async def _used(model: type[Model], where: dict[str, object]) -> int:
-    row = await model.filter(**where).first()
-    return int(row.request_count) if row is not None else 0  # type: ignore[attr-defined]
