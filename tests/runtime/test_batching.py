@@ -10,9 +10,10 @@ import pytest
 
 from ai_platform.operations import Generate, Message
 from ai_platform.runtime.engine import InferenceEngine
-from ai_platform.runtime.generation import Generated, GenerationCancelled, greedy_generate
+from ai_platform.runtime.generation import Generated, GenerationCancelled, greedy_generate, score_options
 from ai_platform.runtime.kv_batch import DecodeBatch, new_batch
 from ai_platform.runtime.model import LanguageModel
+from ai_platform.runtime.prefix_cache import PrefixCache
 from ai_platform.runtime.scheduler import ContinuousBatch, SequenceRequest
 
 TOPICS = ("the fox", "quarterly earnings and the new office in Paris", "a", "12 x 12 = 144, 7 + 8 = 15", "usage")
@@ -147,3 +148,22 @@ async def test_concurrent_engine_calls_share_steps_and_match_unbatched(
     for index, topic in enumerate(TOPICS):
         prompt = tiny_model.encode_prompt([Message("user", f"Summarize: {topic}.")])
         assert results[index] == tiny_model.completion(alone(tiny_model, prompt, 24)).text
+
+
+def test_prompts_sharing_a_prefix_reuse_its_kv_and_decode_the_same(any_model: LanguageModel) -> None:
+    encoded = prompts(any_model)  # the chat template and "Summarize: " come first in each
+    shared = min(next(i for i, (a, b) in enumerate(zip(p, encoded[0], strict=False)) if a != b) for p in encoded[1:])
+    cache = PrefixCache()
+    outcomes = Outcomes()
+    batch = ContinuousBatch(new_batch(any_model.decoder, cache), max_batch=8)
+    for index, prompt in enumerate(encoded):
+        batch.admit(outcomes.request(str(index), prompt, 12))
+        batch.step()
+    run_until_done(batch, outcomes, len(encoded))
+    assert cache.hits == len(encoded) - 1 and cache.reused_tokens >= shared * (len(encoded) - 1)
+    for index, prompt in enumerate(encoded):
+        assert outcomes.results[str(index)] == alone(any_model, prompt, 12), f"sequence {index}"
+    # Option scoring reuses the same cache: same scores as scoring from scratch.
+    options = [[5, 6, any_model.end_of_turn_id], [7, any_model.end_of_turn_id]]
+    cold = score_options(any_model.decoder, encoded[1], options)
+    assert score_options(any_model.decoder, encoded[1], options, cache=cache) == pytest.approx(cold, rel=1e-5)

@@ -110,7 +110,7 @@ class InferenceEngine:
             else:
                 seconds = time.perf_counter() - started
                 logger.info("loaded model %s from %s on %s in %.1f s", folder, path, model.provider, seconds)
-                batch = ContinuousBatch(new_batch(model.decoder), self._max_batch)
+                batch = ContinuousBatch(new_batch(model.decoder, model.prefix_cache), self._max_batch)
                 return _Slot(model=model, worker=ModelWorker(folder, self._max_queue, batch), error=None)
         logger.error("model %s at %s is not available: %s", folder, path, error)
         return _Slot(error=error)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ai_platform.runtime.onnx_model import OnnxDecoder
+from ai_platform.runtime.prefix_cache import PrefixCache
 
 # Prompt tokens per prefill pass. Graphs exported without ``num_logits_to_keep``
 # return full-vocabulary logits for every input position, so an unchunked long
@@ -45,13 +46,22 @@ def _ones(length: int) -> np.ndarray:
 
 
 def prefill(
-    model: OnnxDecoder, prompt: Sequence[int], should_stop: Callable[[], bool]
+    model: OnnxDecoder,
+    prompt: Sequence[int],
+    should_stop: Callable[[], bool],
+    cache: PrefixCache | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Run the prompt through the model in chunks: (logits of its last position, KV cache)."""
+    """Run the prompt through the model in chunks: (logits of its last position, KV cache).
+
+    With a ``cache``, the positions it holds for the prompt's start are reused and the
+    prompt's own KV cache is kept there for later prompts.
+    """
     if not prompt:
         raise ValueError("the prompt is empty")
-    past = model.empty_past(1)
-    for start in range(0, len(prompt), PREFILL_CHUNK):
+    done, past = cache.lookup(prompt) if cache is not None else (0, None)
+    if past is None:
+        past = model.empty_past(1)
+    for start in range(done, len(prompt), PREFILL_CHUNK):
         if should_stop():
             raise GenerationCancelled
         chunk = prompt[start : start + PREFILL_CHUNK]
@@ -63,6 +73,8 @@ def prefill(
             past,
             keep_logits=1,
         )
+    if cache is not None:
+        cache.store(prompt, past)
     last: np.ndarray = logits[0, -1]  # only the last position predicts a new token
     return last, past
 
@@ -112,6 +124,7 @@ def score_options(
     options: Sequence[Sequence[int]],
     *,
     should_stop: Callable[[], bool] = lambda: False,
+    cache: PrefixCache | None = None,
 ) -> list[float]:
     """log P(option | prompt) for each option's token ids (each ends with the end-of-turn token).
 
@@ -124,7 +137,7 @@ def score_options(
     if not options or any(len(option) == 0 for option in options):
         raise ValueError("every option needs at least one token")
     length = len(prompt)
-    last, past = prefill(model, prompt, should_stop)
+    last, past = prefill(model, prompt, should_stop, cache)
     first = _log_softmax(last)
     totals = [float(first[option[0]]) for option in options]
     # GroupQueryAttention takes several new tokens on top of a past only for one row at a time.

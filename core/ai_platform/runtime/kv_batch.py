@@ -1,6 +1,7 @@
 """KV caches of a changing set of sequences that decode together, one token per row per step.
 
-Sequences join with :meth:`admit` (their prompt is prefilled alone, then merged in) and
+Sequences join with :meth:`admit` (their prompt is prefilled alone, reusing the prefix
+cache's positions, then merged in) and
 leave with :meth:`remove` (the last row moves into the freed one), so rows stay packed.
 Two layouts, one per graph shape (see ``onnx_model``):
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from ai_platform.runtime.generation import prefill
 from ai_platform.runtime.onnx_model import KEEP_LOGITS_INPUT, OnnxDecoder
+from ai_platform.runtime.prefix_cache import PrefixCache
 
 # Buffer growth granularity: a sequence crossing a multiple of this costs one copy.
 LENGTH_STEP = 256
@@ -44,9 +46,9 @@ class DecodeBatch(Protocol):
         ...
 
 
-def new_batch(decoder: OnnxDecoder) -> DecodeBatch:
-    """The batch layout that suits ``decoder``'s graph."""
-    return SharedBufferBatch(decoder) if decoder.fused_attention else PaddedBatch(decoder)
+def new_batch(decoder: OnnxDecoder, cache: PrefixCache | None = None) -> DecodeBatch:
+    """The batch layout that suits ``decoder``'s graph; prompts reuse ``cache``'s prefixes."""
+    return SharedBufferBatch(decoder, cache) if decoder.fused_attention else PaddedBatch(decoder, cache)
 
 
 def _pad_left(array: np.ndarray, axis: int, length: int) -> np.ndarray:
@@ -61,8 +63,9 @@ def _pad_left(array: np.ndarray, axis: int, length: int) -> np.ndarray:
 class PaddedBatch:
     """Left-padded batch over an optimum graph (attention mask + explicit positions)."""
 
-    def __init__(self, decoder: OnnxDecoder) -> None:
+    def __init__(self, decoder: OnnxDecoder, cache: PrefixCache | None = None) -> None:
         self._decoder = decoder
+        self._cache = cache
         self._past: list[np.ndarray] = decoder.empty_past(0)
         self._mask = np.zeros((0, 0), dtype=np.int64)
         self._positions = np.zeros((0, 1), dtype=np.int64)
@@ -72,7 +75,7 @@ class PaddedBatch:
         return self._mask.shape[0]
 
     def admit(self, prompt: Sequence[int], should_stop: Callable[[], bool]) -> np.ndarray:
-        logits, past = prefill(self._decoder, prompt, should_stop)
+        logits, past = prefill(self._decoder, prompt, should_stop, self._cache)
         length = max(self._mask.shape[1], len(prompt))
         self._past = [
             np.concatenate([_pad_left(ours, 2, length), _pad_left(theirs, 2, length)])
@@ -108,8 +111,9 @@ class PaddedBatch:
 class SharedBufferBatch:
     """Right-padded batch over a GroupQueryAttention graph, decoding in place in shared buffers."""
 
-    def __init__(self, decoder: OnnxDecoder) -> None:
+    def __init__(self, decoder: OnnxDecoder, cache: PrefixCache | None = None) -> None:
         self._decoder = decoder
+        self._cache = cache
         self._lengths = np.zeros(0, dtype=np.int64)  # valid positions per row
         self._buffers: list[np.ndarray] = []
         self._logits = np.zeros((0, 1, decoder.vocab_size), dtype=decoder.logits_dtype)
@@ -145,7 +149,7 @@ class SharedBufferBatch:
     def admit(self, prompt: Sequence[int], should_stop: Callable[[], bool]) -> np.ndarray:
         # Prefill without sharing (the graph appends to an empty past), then copy into the row:
         # one copy per sequence, and chunked prefill works unchanged.
-        logits, past = prefill(self._decoder, prompt, should_stop)
+        logits, past = prefill(self._decoder, prompt, should_stop, self._cache)
         row = self._size
         self._reserve(row + 1, len(prompt) + 1)
         for buffer, layer in zip(self._buffers, past, strict=True):

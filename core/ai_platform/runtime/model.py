@@ -12,6 +12,7 @@ from ai_platform.operations import Choice, Completion, Message
 from ai_platform.runtime.generation import Generated, score_options
 from ai_platform.runtime.manifest import verify_manifest
 from ai_platform.runtime.onnx_model import OnnxDecoder
+from ai_platform.runtime.prefix_cache import PrefixCache
 from ai_platform.runtime.tokenizer import ChatTokenizer
 
 
@@ -38,6 +39,7 @@ class LanguageModel:
             raise ValueError("no eos token in generation_config.json or tokenizer_config.json")
         self.end_of_turn_id = ordered[0]
         self.eos_ids = frozenset(ordered)
+        self.prefix_cache = PrefixCache()  # shared by generation and option scoring, on the model's thread
 
     @classmethod
     def load(cls, folder: Path, *, execution_provider: str, intra_op_threads: int | None) -> LanguageModel:
@@ -128,7 +130,7 @@ class LanguageModel:
         should_stop: Callable[[], bool],
     ) -> Choice:
         """Probabilities of the options (softmax of their log-likelihoods), in option order."""
-        totals = score_options(self.decoder, prompt, answers, should_stop=should_stop)
+        totals = score_options(self.decoder, prompt, answers, should_stop=should_stop, cache=self.prefix_cache)
         top = max(totals)
         weights = [math.exp(total - top) for total in totals]
         norm = sum(weights)
