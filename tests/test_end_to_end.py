@@ -20,7 +20,7 @@ from litestar.testing import AsyncTestClient
 
 from ai_platform.app import create_app
 from ai_platform.settings import Settings
-from support import CLASSIFY, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, assert_meta, free_port
+from support import ADMIN, CLASSIFY, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, assert_meta, free_port
 
 REQUESTS = {"summarize": SUMMARIZE, "translate": TRANSLATE, "classify": CLASSIFY}
 
@@ -69,6 +69,21 @@ async def test_tiny_model_serves_every_operation(tiny_client: AsyncTestClient) -
     await check_all_operations(tiny_client)
     usage = (await tiny_client.get("/limits/usage", headers=KEY)).json()["usage"]
     assert {u["operation"]: u["request_count"] for u in usage} == {"summarize": 1, "translate": 1, "classify": 1}
+
+
+@pytest.mark.anyio
+async def test_tiny_model_reuses_the_prompt_start_of_earlier_requests(tiny_client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    def reused(metrics: str) -> float:
+        lines = [line for line in metrics.splitlines() if line.startswith("ai_platform_prompt_tokens_reused_total")]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if 'operation="summarize"' in line)
+
+    first = await tiny_client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)
+    before = reused((await tiny_client.get("/metrics", headers=ADMIN)).text)
+    other = {**SUMMARIZE, "text": "A different text entirely, about the weather in spring."}
+    second = await tiny_client.post("/operations/summarize", json=other, headers=KEY)
+    assert first.status_code == second.status_code == 200
+    # The system prompt and the instruction come first in both: their positions are not computed again.
+    assert reused((await tiny_client.get("/metrics", headers=ADMIN)).text) >= before + 20
 
 
 @pytest.mark.anyio

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one app: requests, latency, tokens, limit rejections, queue depth, model state.
+"""Prometheus metrics of one app: requests, latency, tokens, limit rejections, queue depth, model state,
+prompt tokens reused from the prefix cache.
 
 Each app owns its :class:`~prometheus_client.CollectorRegistry`, so several apps
 in one process (tests) never share or double-register a series. Requests are
@@ -24,7 +25,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "PlatformMetrics"]
@@ -47,7 +48,7 @@ class _EngineCollector(Collector):
     def __init__(self, engine: _StatusSource) -> None:
         self._engine = engine
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         loaded = GaugeMetricFamily(
             f"{PREFIX}_model_loaded",
             "1 if the operation's model is loaded and serving, else 0.",
@@ -58,12 +59,19 @@ class _EngineCollector(Collector):
             "Requests waiting or running on the operation's model (shared by the operations it serves).",
             labels=["operation", "model"],
         )
+        reused = CounterMetricFamily(
+            f"{PREFIX}_prompt_tokens_reused",
+            "Prompt positions taken from the model's prefix cache instead of computed (shared by its operations).",
+            labels=["operation", "model"],
+        )
         for status in self._engine.status():
             labels = [status.operation, status.model]
             loaded.add_metric(labels, 1.0 if status.loaded else 0.0)
             queue.add_metric(labels, float(status.queue_depth))
+            reused.add_metric(labels, float(status.reused_prompt_tokens))
         yield loaded
         yield queue
+        yield reused
 
 
 class PlatformMetrics:

@@ -31,6 +31,7 @@ class ModelStatus:
     provider: str | None  # execution provider the session actually uses
     error: str | None  # why it is not loaded
     queue_depth: int = 0  # requests waiting or running on this model (shared by its operations)
+    reused_prompt_tokens: int = 0  # prompt positions taken from the model's prefix cache instead of computed
 
 
 @dataclass
@@ -137,6 +138,7 @@ class InferenceEngine:
                     provider=slot.model.provider if slot.model is not None else None,
                     error=slot.error,
                     queue_depth=slot.worker.queue_depth if slot.worker is not None else 0,
+                    reused_prompt_tokens=slot.model.prefix_cache.reused_tokens if slot.model is not None else 0,
                 )
             )
         return statuses
