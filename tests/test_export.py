@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import struct
 import subprocess
+import termios
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,12 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from ai_platform.runtime.generation import greedy_generate
+from ai_platform.runtime.manifest import verify_manifest
+from ai_platform.runtime.model import LanguageModel
 from support import EXPORT_PYTHON, ROOT
+
+GENAI_PYTHON = os.environ.get("AI_PLATFORM_GENAI_PYTHON", str(ROOT / ".cache" / "genai-venv" / "bin" / "python"))
 
 REQUIRED_FILES = (
     "config.json",
@@ -60,10 +69,23 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {path.name: (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.iterdir()}
 
 
-def _run_export(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "core"))
+def _export_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT / "core"))
+
+
+def _run_export(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     command = [EXPORT_PYTHON, "-m", "ai_platform.export", *args]
-    return subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+    return subprocess.run(command, check=check, env=_export_env(), capture_output=True, text=True)
+
+
+def _export_python(script: str, *args: str) -> str:
+    """Run ``script`` in the export environment (onnx, the exporter's modules); returns its stdout."""
+    command = [EXPORT_PYTHON, "-c", script, *args]
+    return subprocess.run(command, check=True, env=_export_env(), capture_output=True, text=True).stdout
+
+
+def _weights_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("model.onnx*"))
 
 
 # --- the tiny test model ---------------------------------------------------------------------------
@@ -123,7 +145,8 @@ def test_tiny_incomplete_folder_is_rebuilt_byte_identical(tiny_model_dir: Path, 
     out = tmp_path / "tiny"
     out.mkdir()
     (out / "export.json").write_bytes((tiny_model_dir / "export.json").read_bytes())
-    _run_export("tiny", "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
+    result = _run_export("tiny", "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
+    assert "\r" not in result.stdout + result.stderr  # no progress bars: stderr is a pipe here, as in CI logs
     assert sorted(path.name for path in out.iterdir()) == sorted(path.name for path in tiny_model_dir.iterdir())
     for path in tiny_model_dir.iterdir():
         assert (out / path.name).read_bytes() == path.read_bytes(), path.name
@@ -177,3 +200,111 @@ def test_demo_digits_are_split_individually(demo_tokenizer: Tokenizer) -> None:
 @pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
 def test_demo_tokenizer_round_trips(demo_tokenizer: Tokenizer, text: str) -> None:
     assert demo_tokenizer.decode(demo_tokenizer.encode(text).ids) == text
+
+
+# --- quantized exports of the tiny model -----------------------------------------------------------
+
+QUANTIZED = [("optimum", "int8"), ("optimum", "int4"), ("genai", "int8")]
+BITS = {"int8": 8, "int4": 4}
+# The bit widths of a graph's MatMulNBits nodes, and the MatMuls still multiplying by constant (fp32) weights.
+GRAPH_SUMMARY = """
+import json, sys, onnx
+graph = onnx.load(sys.argv[1], load_external_data=False).graph
+constants = {tensor.name for tensor in graph.initializer}
+print(json.dumps({
+    "bits": sorted({a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}),
+    "fp32_weights": [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in constants],
+}))
+"""
+
+
+def _genai_args() -> list[str]:
+    if not Path(GENAI_PYTHON).is_file():
+        pytest.skip(f"no onnxruntime-genai environment at {GENAI_PYTHON} (set AI_PLATFORM_GENAI_PYTHON)")
+    return ["--genai-python", GENAI_PYTHON]
+
+
+@pytest.fixture(scope="module", params=QUANTIZED, ids=[f"{f}-{p}" for f, p in QUANTIZED])
+def quantized(request: pytest.FixtureRequest, tiny_model_dir: Path) -> tuple[Path, Path, str]:
+    """(the tiny model at a quantized precision, its fp32 build in the same format, the precision)."""
+    export_format, precision = request.param
+    fp32, extra = tiny_model_dir, []
+    if export_format == "genai":
+        fp32, extra = tiny_model_dir.parent / "tiny-qwen2-genai", _genai_args()
+        _run_export("tiny", "--format", "genai", "--out", str(fp32), *extra)  # as the runtime tests build it
+    out = tiny_model_dir.parent / f"tiny-qwen2-{export_format}-{precision}"
+    _run_export("tiny", "--format", export_format, "--precision", precision, "--out", str(out), *extra)
+    return out, fp32, precision
+
+
+def _model_file(folder: Path) -> Path:
+    genai_config = folder / "genai_config.json"
+    if genai_config.is_file():
+        return folder / _json(folder, "genai_config.json")["model"]["decoder"]["filename"]
+    return folder / "model.onnx"
+
+
+def test_quantized_folder_matches_its_manifest(quantized: tuple[Path, Path, str]) -> None:
+    folder, _, precision = quantized
+    assert verify_manifest(folder)
+    assert _json(folder, "export.json")["precision"] == precision
+
+
+def test_quantized_graph_multiplies_by_quantized_weights_only(quantized: tuple[Path, Path, str]) -> None:
+    folder, fp32, precision = quantized
+    summary = json.loads(_export_python(GRAPH_SUMMARY, str(_model_file(folder))))
+    assert summary["bits"] == [BITS[precision]]
+    assert summary["fp32_weights"] == []  # the tied lm_head included
+    assert _weights_size(folder) < _weights_size(fp32)
+
+
+def test_quantized_model_generates_its_export_reference(quantized: tuple[Path, Path, str]) -> None:
+    folder, _, _ = quantized
+    reference = _json(folder, "export.json")["validation"]
+    model = LanguageModel.load(folder, execution_provider="cpu", intra_op_threads=1)
+    expected = reference["greedy_ids"]  # recorded from the ONNX graph, not stopping at eos
+    result = greedy_generate(model.decoder, reference["prompt_ids"], max_new_tokens=len(expected), eos_ids=())
+    assert result.tokens == expected
+
+
+def test_quantization_keeps_external_weights_external(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Graphs over 2 GB keep their weights in a file of their own; the quantized graph must too.
+    script = """
+import sys, onnx
+from pathlib import Path
+from ai_platform.export.quantize import quantize
+folder, work = Path(sys.argv[2]), Path(sys.argv[3])
+onnx.save(onnx.load(sys.argv[1]), folder / "model.onnx", save_as_external_data=True, location="model.onnx_data")
+quantize(folder / "model.onnx", "int4", work)
+"""
+    folder, work = tmp_path / "model", tmp_path / "work"
+    folder.mkdir()
+    work.mkdir()
+    _export_python(script, str(tiny_model_dir / "model.onnx"), str(folder), str(work))
+    assert sorted(path.name for path in folder.iterdir()) == ["model.onnx", "model.onnx.data"]
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert "num_logits_to_keep" in {arg.name for arg in session.get_inputs()}
+
+
+def test_unsupported_precision_names_the_supported_ones(tmp_path: Path) -> None:
+    result = _run_export("tiny", "--precision", "fp16", "--out", str(tmp_path / "tiny"), check=False)
+    assert result.returncode != 0
+    error = result.stderr.splitlines()[-1]
+    assert "invalid choice: 'fp16'" in error
+    assert all(precision in error for precision in ("fp32", "int8", "int4"))
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_progress_bars_are_drawn_on_a_terminal_only() -> None:
+    script = (
+        "from ai_platform.export.progress import bar\nwith bar('sha256', 1 << 20, 'B') as done: done.update(1 << 20)"
+    )
+    command = [EXPORT_PYTHON, "-c", script]
+    terminal, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("4H", 24, 80, 0, 0))  # a new pty has 0 columns
+    subprocess.run(command, check=True, env=_export_env(), stderr=child)
+    os.close(child)
+    drawn = os.read(terminal, 1 << 16).decode()
+    os.close(terminal)
+    assert "sha256" in drawn
+    assert subprocess.run(command, check=True, env=_export_env(), capture_output=True, text=True).stderr == ""

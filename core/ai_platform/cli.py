@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("source", help="Hugging Face model folder (config.json, tokenizer, weights); no network used")
     export.add_argument("name", help="folder name to create under MODELS_DIR, e.g. qwen-summarize")
     export.add_argument("--format", choices=("genai", "optimum"), default="genai", help="graph (default: %(default)s)")
-    export.add_argument("--precision", choices=("int4", "fp32"), default="int4", help="weights (default: %(default)s)")
+    export.add_argument(
+        "--precision", choices=("int4", "int8", "fp32"), default="int4", help="weights (default: %(default)s)"
+    )
     export.add_argument("--models-dir", help="default: the MODELS_DIR setting")
     export.set_defaults(func=cmd_models_export)
 

@@ -7,7 +7,7 @@ import hashlib
 from functools import partial
 from pathlib import Path
 
-from ai_platform.export.pipeline import FORMATS, Recipe, build
+from ai_platform.export.pipeline import FORMATS, PRECISIONS, Recipe, build
 from ai_platform.export.progress import Progress
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     formats = argparse.ArgumentParser(add_help=False)
     formats.add_argument("--format", choices=FORMATS, default="optimum", help="exporter (default: %(default)s)")
-    formats.add_argument("--precision", choices=("fp32", "int4"), default="fp32", help="weights (genai: fp32, int4)")
+    formats.add_argument("--precision", choices=PRECISIONS, default="fp32", help="weights (default: %(default)s)")
     formats.add_argument(
         "--genai-python",
         default=str(DEFAULT_GENAI_PYTHON),

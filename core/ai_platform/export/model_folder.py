@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ai_platform.export.progress import bar
+
 STAMP = "export.json"
 # Read by the runtime (ai_platform.runtime.manifest), which refuses a folder that differs from it.
 MANIFEST = "manifest.json"
@@ -50,13 +52,15 @@ def write_stamp(folder: Path, recipe: str, version: str, details: dict[str, Any]
 
 def write_manifest(folder: Path) -> None:
     """List every file of ``folder`` with its size and sha256 (written last: it covers the stamp too)."""
+    paths = [path for path in sorted(folder.iterdir()) if path.is_file() and path.name != MANIFEST]
     files = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != MANIFEST:
+    with bar("sha256", sum(path.stat().st_size for path in paths), "B") as hashed:
+        for path in paths:
             digest = hashlib.sha256()
             with path.open("rb") as file:
                 while chunk := file.read(1 << 20):
                     digest.update(chunk)
+                    hashed.update(len(chunk))
             files[path.name] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
 

@@ -20,6 +20,7 @@ from ai_platform.export.model_folder import (
 from ai_platform.export.progress import Progress
 
 FORMATS = ("optimum", "genai")
+PRECISIONS = ("fp32", "int8", "int4")  # of the weights; both formats export each
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,8 @@ class Recipe:
 
     ``prepare`` writes a Hugging Face folder (weights, tokenizer, chat template) under the work dir
     it is given and returns it. Bump ``version`` whenever the output changes, so old folders are rebuilt.
-    ``format`` picks the exporter: ``optimum`` (fp32, standard ops) or ``genai`` (onnxruntime-genai's
-    builder, run by ``genai_python``: fused attention, fp32 or int4 weights).
+    ``format`` picks the exporter: ``optimum`` (standard ops; int8 and int4 quantized after export) or
+    ``genai`` (onnxruntime-genai's builder, run by ``genai_python``: fused attention, quantizes itself).
     """
 
     name: str
@@ -45,8 +46,6 @@ def _export(recipe: Recipe, hf_dir: Path, staging: Path, work: Path) -> tuple[st
     from ai_platform.export.onnx_export import export_onnx, tool_versions
 
     if recipe.format == "optimum":
-        if recipe.precision != "fp32":
-            raise ValueError("the optimum path exports fp32 only; use --format genai for int4")
         export_onnx(hf_dir, staging)
         return "model.onnx", tool_versions()
     if recipe.format != "genai" or recipe.genai_python is None:
@@ -60,6 +59,8 @@ def _export(recipe: Recipe, hf_dir: Path, staging: Path, work: Path) -> tuple[st
 
 def build(recipe: Recipe, out: Path, work_root: Path) -> None:
     """Build ``recipe`` into ``out`` unless it already holds that build."""
+    if recipe.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {recipe.precision!r}")
     progress = Progress()
     with build_lock(out):
         if is_current(out, recipe.name, recipe.version):
@@ -71,7 +72,7 @@ def build(recipe: Recipe, out: Path, work_root: Path) -> None:
             from ai_platform.export.logits import keep_last_logits
             from ai_platform.export.validate import compare_greedy
 
-        work = work_root / recipe.name
+        work = work_root / f"{recipe.name}-{recipe.version}"  # variants of one model may build at once
         staging = staging_dir(out)
         for leftover in (work, staging):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -83,6 +84,11 @@ def build(recipe: Recipe, out: Path, work_root: Path) -> None:
         with progress.step("added the num_logits_to_keep input"):
             if not keep_last_logits(staging / model_file):
                 progress.note("  lm_head not recognised: the graph keeps full logits")
+        if recipe.format == "optimum" and recipe.precision != "fp32":
+            from ai_platform.export.quantize import quantize
+
+            with progress.step(f"quantized the weights to {recipe.precision} (MatMulNBits)"):
+                quantize(staging / model_file, recipe.precision, work)
         with progress.step("validated ONNX greedy decoding against torch"):
             answer, logit_diff = compare_greedy(hf_dir, staging, model_file, exact=recipe.precision == "fp32")
         progress.note(f"  prompt ids {answer.prompt_ids}")

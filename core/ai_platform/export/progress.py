@@ -1,10 +1,13 @@
-"""One line of progress per build step, with elapsed seconds."""
+"""Build progress: one line per finished step with elapsed seconds, and bars for long counted steps."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from tqdm import tqdm
 
 
 class Progress:
@@ -23,3 +26,20 @@ class Progress:
         began = time.monotonic()
         yield
         self.note(f"{name} ({time.monotonic() - began:.1f}s)")
+
+
+def bar(desc: str, total: int, unit: str = "it") -> tqdm:
+    """A bar on stderr for part of a step, ``update``d by hand; gone when done, the step's line stays.
+
+    Drawn only when stderr is a terminal (``disable=None``): logs keep just the step lines.
+    """
+    return tqdm(
+        desc=desc,
+        total=total,
+        unit=unit,
+        unit_scale=True,
+        unit_divisor=1024 if unit == "B" else 1000,
+        leave=False,
+        disable=None,
+        file=sys.stderr,
+    )

