@@ -27,7 +27,7 @@ $(EXPORT_VENV)/.installed: constraints/export.txt
 	$(PYTHON) -m venv $(EXPORT_VENV)
 	$(EXPORT_VENV)/bin/pip install -q --upgrade pip
 	$(EXPORT_VENV)/bin/pip install -q torch==2.13.0 -c constraints/export.txt
-	$(EXPORT_VENV)/bin/pip install -q "optimum[onnxruntime]" optimum-onnx transformers gguf accelerate pluggy msgspec -c constraints/export.txt
+	$(EXPORT_VENV)/bin/pip install -q "optimum[onnxruntime]" optimum-onnx transformers gguf accelerate onnx-ir pluggy msgspec -c constraints/export.txt
 	@touch $@
 
 # onnxruntime-genai's model builder needs transformers 5.x, which optimum-onnx 0.1.0 refuses:
