@@ -1,13 +1,14 @@
 """Aggregate tokens/s and latency through the HTTP server at 1, 4, 8 and 16 concurrent clients.
 
 Starts ``.venv/bin/ai-platform serve`` on a model folder with throwaway settings; each
-client sends requests back to back; the table gives aggregate output tokens/s, the
-ratio to one client, and p50/p95 latency over all requests of a level, plus the
+client sends requests back to back for ``--seconds`` (and waits for its last answer);
+the table gives aggregate output tokens/s (all answers' tokens over the level's wall
+time), the ratio to one client, and p50/p95 latency over all requests of a level, plus the
 server's peak RSS. Two workloads: ``summarize`` (short news texts, answers of a few
 dozen tokens: prefill is most of the work) and ``translate`` (paragraphs translated
 to French, answers of a few hundred tokens: decoding is most of the work).
 
-    .venv/bin/python bench/concurrency.py models/smollm2-135m-instruct [--workload translate]
+    .venv/bin/python bench/concurrency.py models/smollm2-135m-instruct [--workload translate] [--seconds 60]
 """
 
 from __future__ import annotations
@@ -51,27 +52,31 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def level(port: int, workload: str, clients: int, per_client: int) -> tuple[float, list[float], int]:
-    """Run ``clients`` threads of ``per_client`` requests: (wall seconds, latencies, output tokens)."""
+def level(port: int, workload: str, clients: int, seconds: float) -> tuple[float, list[float], int]:
+    """``clients`` threads sending requests back to back (at least one each), none started after ``seconds``.
+
+    Returns (wall seconds until the last answer, latencies, output tokens of all answers).
+    """
     latencies: list[float] = []
     tokens = [0]
     lock = threading.Lock()
-
     path, bodies = WORKLOADS[workload]
+    started = time.perf_counter()
 
     def client(index: int) -> None:
-        for k in range(per_client):
-            started = time.perf_counter()
+        k = 0
+        while k == 0 or time.perf_counter() - started < seconds:
+            sent = time.perf_counter()
             status, body = post(port, path, bodies[(index + k) % len(bodies)])
-            elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - sent
             if status != 200:
                 raise RuntimeError(f"HTTP {status}: {body}")
             with lock:
                 latencies.append(elapsed)
                 tokens[0] += int(body["meta"]["output_tokens"])  # type: ignore[index, call-overload]
+            k += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -84,16 +89,16 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="served model folder")
     parser.add_argument("--workload", choices=WORKLOADS, default="summarize")
     parser.add_argument("--levels", default="1,4,8,16")
-    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=60, help="per level: no request starts after this")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = bench_env(Path(tmp), args.model, MAX_QUEUE_PER_MODEL="64")
         server, port = start_server(env, Path(tmp))
         try:
-            level(port, args.workload, 1, 1)  # warm-up
+            level(port, args.workload, 1, 0)  # warm-up: one request
             rows = []
             for clients in (int(c) for c in args.levels.split(",")):
-                wall, latencies, tokens = level(port, args.workload, clients, args.requests_per_client)
+                wall, latencies, tokens = level(port, args.workload, clients, args.seconds)
                 rows.append(
                     (clients, tokens / wall, statistics.median(latencies), percentile(latencies, 0.95), len(latencies))
                 )
@@ -103,7 +108,7 @@ def main() -> None:
             server.wait(timeout=60)
     base = rows[0][1]
     print(
-        f"\nmodel {args.model}, {args.workload}, {args.requests_per_client} requests per client; "
+        f"\nmodel {args.model}, {args.workload}, clients send for {args.seconds:g} s per level; "
         f"server peak RSS {rss:.0f} MB"
     )
     print("| clients | aggregate tok/s | x one client | p50 s | p95 s | requests |")
