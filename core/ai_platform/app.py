@@ -105,8 +105,10 @@ class PlatformPlugin(InitPluginProtocol):
                     log.info("%s serving operations: %s", self.settings.app_name, ", ".join(self.plugins.operations))
                     yield
                 finally:
-                    await self.engine.close()
-                    await self.audit.flush()
+                    try:
+                        await self.engine.close()
+                    finally:
+                        await self.audit.flush()  # the rows still queued, while the database is open
 
         app_config.lifespan.append(lifespan)
 

@@ -10,7 +10,7 @@ requests, workers or servers can push usage past a limit; a refused key
 quota rolls back the operation's increment too.
 
 A reservation is settled exactly once: whoever deletes its row (the request's
-commit or release, or the sweep of a dead process) adjusts the statements. So a
+commit or release, or the sweep of a dead process) adjusts the counters. So a
 request is counted iff it succeeded, even when its worker was killed.
 """
 
