@@ -116,10 +116,12 @@ def admission(
     runners do, when the result is Refused), so a full key quota gives the operation's
     place back too.
     """
-    taken = yield from _take("operation", (operation, day, operation, default_limit, operation, default_limit))
+    where = (operation, day, operation, default_limit, operation, default_limit)
+    taken = yield from _take("operation", where, row=(operation, day))
     key_taken = None
     if taken is not None:
-        key_taken = yield from _take("key", (key_id, operation, day, key_id, operation, key_id, operation))
+        key_where = (key_id, operation, day, key_id, operation, key_id, operation)
+        key_taken = yield from _take("key", key_where, row=(key_id, operation, day))
     if taken is None or key_taken is None:
         [full] = yield _FULL, (operation, day, operation, default_limit, key_id, operation, day, key_id, operation)
         if taken is None:
@@ -129,12 +131,12 @@ def admission(
     return Admitted(int(row["id"]), taken, key_taken)
 
 
-def _take(counter: str, where: tuple[Any, ...]) -> Transaction[Taken | None]:
+def _take(counter: str, where: tuple[Any, ...], *, row: tuple[Any, ...]) -> Transaction[Taken | None]:
     if not (rows := (yield _TAKE[counter], where)):
         # No row yet, or full. Create it unless it exists and ask again: only an UPDATE that
         # sees the row (PostgreSQL re-reads it) may say "full", or a burst of first requests
         # would be refused with the allowance untouched.
-        yield _CREATE[counter], where[: 2 if counter == "operation" else 3]
+        yield _CREATE[counter], row
         if not (rows := (yield _TAKE[counter], where)):
             return None
     return Taken(int(rows[0]["request_count"]), rows[0]["daily_limit"])
