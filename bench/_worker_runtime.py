@@ -24,6 +24,7 @@ def main(new_tokens: int, runs: int, threads: int, folder: str, prompt_file: str
         request = SequenceRequest(ids, new_tokens + 1, (), lambda result, error: None)
         t0 = time.perf_counter()
         batch.admit(request)
+        batch.step()  # nothing decodes yet: this step prefills the prompt and takes the first token
         t1 = time.perf_counter()
         for _ in range(new_tokens):
             batch.step()

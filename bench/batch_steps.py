@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ai_platform.runtime.generation import prefill
 from ai_platform.runtime.kv_batch import new_batch
 from ai_platform.runtime.model import LanguageModel
 
@@ -40,7 +41,8 @@ def main() -> None:
         for rows in (int(b) for b in args.batches.split(",")):
             batch = new_batch(decoder)
             for _ in range(rows):
-                batch.admit(rng.integers(100, 10_000, context).tolist(), lambda: False)
+                _, past = prefill(decoder, rng.integers(100, 10_000, context).tolist(), lambda: False)
+                batch.join(past)
             times = []
             for _ in range(args.steps + 3):  # the first steps warm up
                 started = time.perf_counter()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
 
 from ai_platform.operations import Generate, Message
+from ai_platform.runtime import generation
 from ai_platform.runtime.engine import InferenceEngine
 from ai_platform.runtime.generation import Generated, GenerationCancelled, greedy_generate, score_options
 from ai_platform.runtime.kv_batch import DecodeBatch, new_batch
@@ -98,8 +98,11 @@ def test_a_failing_step_fails_only_the_active_sequences(tiny_model: LanguageMode
             self.inner = inner
             self.size = 0
 
-        def admit(self, prompt: list[int], should_stop: Callable[[], bool]) -> object:
-            return self.inner.admit(prompt, should_stop)
+        def prefill(self, prompt: list[int]) -> object:
+            return self.inner.prefill(prompt)
+
+        def join(self, past: list[object]) -> None:
+            self.inner.join(past)  # type: ignore[arg-type]
 
         def step(self, tokens: list[int]) -> object:
             raise RuntimeError("onnxruntime failed")
@@ -111,7 +114,8 @@ def test_a_failing_step_fails_only_the_active_sequences(tiny_model: LanguageMode
     batch = ContinuousBatch(Broken(new_batch(tiny_model.decoder)), max_batch=8)  # type: ignore[arg-type]
     encoded = prompts(tiny_model)
     batch.admit(outcomes.request("a", encoded[0], 5))
-    batch.step()
+    batch.step()  # prefills "a"
+    batch.step()  # its first decode step fails
     assert isinstance(outcomes.errors["a"], RuntimeError) and batch.active == 0
     batch.admit(outcomes.request("b", encoded[1], 0))
     assert outcomes.results["b"] == Generated([], "length")
@@ -167,3 +171,25 @@ def test_prompts_sharing_a_prefix_reuse_its_kv_and_decode_the_same(any_model: La
     options = [[5, 6, any_model.end_of_turn_id], [7, any_model.end_of_turn_id]]
     cold = score_options(any_model.decoder, encoded[1], options)
     assert score_options(any_model.decoder, encoded[1], options, cache=cache) == pytest.approx(cold, rel=1e-5)
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_the_others_decode(
+    any_model: LanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 4)
+    short, long = prompts(any_model)[2], prompts(any_model)[1]
+    outcomes = Outcomes()
+    batch = ContinuousBatch(new_batch(any_model.decoder), max_batch=8)
+    decoding = outcomes.request("short", short, 40)
+    batch.admit(decoding)
+    while not decoding.tokens:
+        batch.step()  # its own prompt, a chunk per step, then its first token
+    arriving = outcomes.request("long", long, 10)
+    batch.admit(arriving)
+    for _ in range(-(-len(long) // 4) - 1):  # every chunk of the long prompt but the last
+        before = len(decoding.tokens)
+        batch.step()
+        assert len(decoding.tokens) == before + 1 and not arriving.tokens
+    run_until_done(batch, outcomes, 2)
+    assert outcomes.results["long"] == alone(any_model, long, 10)
+    assert outcomes.results["short"] == alone(any_model, short, 40)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,13 +45,10 @@ def _ones(length: int) -> np.ndarray:
     return np.ones((1, length), dtype=np.int64)
 
 
-def prefill(
-    model: OnnxDecoder,
-    prompt: Sequence[int],
-    should_stop: Callable[[], bool],
-    cache: PrefixCache | None = None,
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Run the prompt through the model in chunks: (logits of its last position, KV cache).
+def prefill_chunks(
+    model: OnnxDecoder, prompt: Sequence[int], cache: PrefixCache | None = None
+) -> Generator[None, None, tuple[np.ndarray, list[np.ndarray]]]:
+    """Prefill the prompt one chunk per iteration (pausing between chunks); returns (last logits, KV cache).
 
     With a ``cache``, the positions it holds for the prompt's start are reused and the
     prompt's own KV cache is kept there for later prompts.
@@ -62,8 +59,8 @@ def prefill(
     if past is None:
         past = model.empty_past(1)
     for start in range(done, len(prompt), PREFILL_CHUNK):
-        if should_stop():
-            raise GenerationCancelled
+        if start > done:
+            yield
         chunk = prompt[start : start + PREFILL_CHUNK]
         end = start + len(chunk)
         logits, past = model.forward(
@@ -77,6 +74,23 @@ def prefill(
         cache.store(prompt, past)
     last: np.ndarray = logits[0, -1]  # only the last position predicts a new token
     return last, past
+
+
+def prefill(
+    model: OnnxDecoder,
+    prompt: Sequence[int],
+    should_stop: Callable[[], bool],
+    cache: PrefixCache | None = None,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """All of :func:`prefill_chunks` at once, checking ``should_stop`` before each chunk."""
+    chunks = prefill_chunks(model, prompt, cache)
+    while True:
+        if should_stop():
+            raise GenerationCancelled
+        try:
+            next(chunks)
+        except StopIteration as finished:
+            return finished.value  # type: ignore[no-any-return]
 
 
 def greedy_generate(

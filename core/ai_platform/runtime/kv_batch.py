@@ -1,8 +1,8 @@
 """KV caches of a changing set of sequences that decode together, one token per row per step.
 
-Sequences join with :meth:`admit` (their prompt is prefilled alone, reusing the prefix
-cache's positions, then merged in) and
-leave with :meth:`remove` (the last row moves into the freed one), so rows stay packed.
+A sequence's prompt is prefilled alone (``prefill``, chunk by chunk, reusing the prefix
+cache's positions) and merged in as the last row (``join``); sequences leave with
+``remove`` (the last row moves into the freed one), so rows stay packed.
 Two layouts, one per graph shape (see ``onnx_model``):
 
 * :class:`PaddedBatch` (optimum graphs): left-padded KV, re-padded when a longer sequence
@@ -14,14 +14,17 @@ Two layouts, one per graph shape (see ``onnx_model``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Generator, Sequence
 from typing import Protocol
 
 import numpy as np
 
-from ai_platform.runtime.generation import prefill
+from ai_platform.runtime.generation import prefill_chunks
 from ai_platform.runtime.onnx_model import KEEP_LOGITS_INPUT, OnnxDecoder
 from ai_platform.runtime.prefix_cache import PrefixCache
+
+# One prompt's prefill, one chunk per ``next()``; returns (logits of its last position, its KV cache).
+Prefill = Generator[None, None, tuple[np.ndarray, list[np.ndarray]]]
 
 # Buffer growth granularity: a sequence crossing a multiple of this costs one copy.
 LENGTH_STEP = 256
@@ -33,8 +36,12 @@ class DecodeBatch(Protocol):
     @property
     def size(self) -> int: ...
 
-    def admit(self, prompt: Sequence[int], should_stop: Callable[[], bool]) -> np.ndarray:
-        """Prefill ``prompt`` as new last row; returns the logits predicting its first new token."""
+    def prefill(self, prompt: Sequence[int]) -> Prefill:
+        """Prefill ``prompt`` alone, one chunk per iteration (the prefix cache's positions reused)."""
+        ...
+
+    def join(self, past: list[np.ndarray]) -> None:
+        """Add a prefilled sequence (its one-row KV cache) as the new last row."""
         ...
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
@@ -74,18 +81,20 @@ class PaddedBatch:
     def size(self) -> int:
         return self._mask.shape[0]
 
-    def admit(self, prompt: Sequence[int], should_stop: Callable[[], bool]) -> np.ndarray:
-        logits, past = prefill(self._decoder, prompt, should_stop, self._cache)
-        length = max(self._mask.shape[1], len(prompt))
+    def prefill(self, prompt: Sequence[int]) -> Prefill:
+        return prefill_chunks(self._decoder, prompt, self._cache)
+
+    def join(self, past: list[np.ndarray]) -> None:
+        prompt_length = past[0].shape[2]
+        length = max(self._mask.shape[1], prompt_length)
         self._past = [
             np.concatenate([_pad_left(ours, 2, length), _pad_left(theirs, 2, length)])
             for ours, theirs in zip(self._past, past, strict=True)
         ]
         self._mask = np.concatenate(
-            [_pad_left(self._mask, 1, length), _pad_left(np.ones((1, len(prompt)), np.int64), 1, length)]
+            [_pad_left(self._mask, 1, length), _pad_left(np.ones((1, prompt_length), np.int64), 1, length)]
         )
-        self._positions = np.concatenate([self._positions, [[len(prompt)]]])
-        return logits
+        self._positions = np.concatenate([self._positions, [[prompt_length]]])
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
         self._mask = np.concatenate([self._mask, np.ones((self.size, 1), np.int64)], axis=1)
@@ -146,17 +155,18 @@ class SharedBufferBatch:
         self._lengths = lengths
         self._logits = np.zeros((rows, 1, self._decoder.vocab_size), dtype=self._decoder.logits_dtype)
 
-    def admit(self, prompt: Sequence[int], should_stop: Callable[[], bool]) -> np.ndarray:
-        # Prefill without sharing (the graph appends to an empty past), then copy into the row:
-        # one copy per sequence, and chunked prefill works unchanged.
-        logits, past = prefill(self._decoder, prompt, should_stop, self._cache)
-        row = self._size
-        self._reserve(row + 1, len(prompt) + 1)
+    def prefill(self, prompt: Sequence[int]) -> Prefill:
+        # Prefill without sharing (the graph appends to the past it is given), then copy into
+        # the row: one copy per sequence, and chunked prefill works unchanged.
+        return prefill_chunks(self._decoder, prompt, self._cache)
+
+    def join(self, past: list[np.ndarray]) -> None:
+        row, length = self._size, past[0].shape[2]
+        self._reserve(row + 1, length + 1)
         for buffer, layer in zip(self._buffers, past, strict=True):
-            buffer[row, :, : len(prompt)] = layer[0]
-        self._lengths[row] = len(prompt)
+            buffer[row, :, :length] = layer[0]
+        self._lengths[row] = length
         self._size += 1
-        return logits
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
         rows = self._size

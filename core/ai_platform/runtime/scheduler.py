@@ -1,7 +1,9 @@
 """Iteration-level scheduling of greedy generation: sequences join and leave between decode steps.
 
-Every step feeds one token for each active sequence in a single forward pass. A
-new sequence is prefilled on its own and joins at the next step; each sequence
+Every step feeds one token for each decoding sequence in a single forward pass,
+then runs one prefill chunk (``PREFILL_CHUNK`` prompt tokens) of the oldest new
+sequence, which joins the decoding ones once its prompt is done: a long prompt
+delays the others by one chunk per step, not by its whole prefill. Each sequence
 leaves on its own eos token, token limit or cancellation without disturbing the
 others (their rows keep their KV cache).
 """
@@ -9,13 +11,14 @@ others (their rows keep their KV cache).
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ai_platform.runtime.generation import Generated, GenerationCancelled
-from ai_platform.runtime.kv_batch import DecodeBatch
+from ai_platform.runtime.kv_batch import DecodeBatch, Prefill
 
 Finish = Callable[[Generated | None, BaseException | None], None]
 
@@ -37,55 +40,80 @@ class SequenceRequest:
 
 
 class ContinuousBatch:
-    """The sequences of one model that are decoding; run only on the model's thread."""
+    """The sequences of one model that are prefilling or decoding; run only on the model's thread."""
 
     def __init__(self, batch: DecodeBatch, max_batch: int) -> None:
         self._batch = batch
         self.max_batch = max_batch
         self._rows: list[SequenceRequest] = []  # row i of the KV batch belongs to _rows[i]
+        self._prefilling: deque[tuple[SequenceRequest, Prefill]] = deque()
 
     @property
     def active(self) -> int:
-        """Sequences decoding now."""
-        return len(self._rows)
+        """Sequences prefilling or decoding now."""
+        return len(self._rows) + len(self._prefilling)
 
     @property
     def has_room(self) -> bool:
-        return len(self._rows) < self.max_batch
+        return self.active < self.max_batch
 
     def admit(self, request: SequenceRequest) -> None:
-        """Prefill ``request`` and take its first token; it decodes with the others from the next step."""
+        """Queue ``request``'s prompt; the next steps prefill it, then it decodes with the others."""
         if request.budget <= 0:
             request.finish(Generated([], "length"), None)
             return
-        try:
-            logits = self._batch.admit(request.prompt, request.cancelled.is_set)
-        except Exception as exc:  # GenerationCancelled included: only this sequence is affected
-            request.finish(None, exc)
-            return
-        self._rows.append(request)
-        self._take(len(self._rows) - 1, logits)
+        self._prefilling.append((request, self._batch.prefill(request.prompt)))
 
     def step(self) -> None:
-        """One decode step for every active sequence; finished and cancelled ones leave."""
+        """One decode step for every decoding sequence, then one prefill chunk; finished and cancelled ones leave."""
         for row in reversed(range(len(self._rows))):
             if self._rows[row].cancelled.is_set():
                 self._leave(row, None, GenerationCancelled())
-        if not self._rows:
-            return
+        for entry in [e for e in self._prefilling if e[0].cancelled.is_set()]:
+            self._prefilling.remove(entry)
+            entry[0].finish(None, GenerationCancelled())
+        if self._rows:
+            self._decode()
+        if self._prefilling:
+            self._prefill_chunk()
+
+    def _decode(self) -> None:
         try:
             logits = self._batch.step([request.tokens[-1] for request in self._rows])
         except Exception as exc:
-            self.fail_all(exc)
+            for row in reversed(range(len(self._rows))):
+                self._leave(row, None, exc)
             return
         # Backwards, so a leaving row is only ever replaced by one already handled.
         for row in reversed(range(len(self._rows))):
             self._take(row, logits[row])
 
+    def _prefill_chunk(self) -> None:
+        request, chunks = self._prefilling[0]
+        try:
+            next(chunks)
+            return  # more chunks to go
+        except StopIteration as done:
+            logits, past = done.value
+        except Exception as exc:  # only this sequence is affected
+            self._prefilling.popleft()
+            request.finish(None, exc)
+            return
+        self._prefilling.popleft()
+        try:
+            self._batch.join(past)
+        except Exception as exc:
+            request.finish(None, exc)
+            return
+        self._rows.append(request)
+        self._take(len(self._rows) - 1, logits)
+
     def fail_all(self, error: BaseException) -> None:
-        """End every active sequence with ``error`` (a failed step or shutdown)."""
+        """End every sequence with ``error`` (shutdown)."""
         for row in reversed(range(len(self._rows))):
             self._leave(row, None, error)
+        while self._prefilling:
+            self._prefilling.popleft()[0].finish(None, error)
 
     def _take(self, row: int, logits: np.ndarray) -> None:
         request = self._rows[row]
