@@ -146,6 +146,7 @@ def create_app(
             execution_provider=settings.execution_provider,
             max_queue=settings.max_queue_per_model,
             max_batch=settings.max_batch_per_model,
+            prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
         )
     return Litestar(
         plugins=[PlatformPlugin(settings, plugins, engine)],

@@ -40,3 +40,9 @@ def test_least_recently_used_prompts_are_evicted_beyond_the_byte_budget() -> Non
     assert cache.lookup([3] * 10 + [5])[0] == 10
     cache.store([4] * 100, kv(100))  # larger than the whole budget: not kept, nothing evicted
     assert cache.lookup([4] * 100 + [5])[0] == 0 and cache.lookup([1] * 10 + [5])[0] == 10
+
+
+def test_a_zero_budget_keeps_nothing() -> None:
+    cache = PrefixCache(max_bytes=0)  # PREFIX_CACHE_MB=0
+    cache.store([1, 2, 3], kv(3))
+    assert cache.lookup([1, 2, 3, 4]) == (0, None)

@@ -14,6 +14,7 @@ from ai_platform.operations import Choice, Choose, Completion, Generate
 from ai_platform.runtime.kv_batch import new_batch
 from ai_platform.runtime.model import LanguageModel
 from ai_platform.runtime.onnx_model import EXECUTION_PROVIDERS
+from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES
 from ai_platform.runtime.scheduler import ContinuousBatch
 from ai_platform.runtime.worker import ModelWorker
 
@@ -61,6 +62,7 @@ class InferenceEngine:
         max_queue: int = 32,
         intra_op_threads: int | None = None,
         max_batch: int = 16,
+        prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if execution_provider not in EXECUTION_PROVIDERS:
             choices = ", ".join(EXECUTION_PROVIDERS)
@@ -77,6 +79,7 @@ class InferenceEngine:
         self._max_queue = max_queue
         self._intra_op_threads = intra_op_threads
         self._max_batch = max_batch
+        self._prefix_cache_bytes = prefix_cache_bytes
         self._slots = {operation: _Slot() for operation in self._operation_models}
         self._started = False
 
@@ -105,6 +108,7 @@ class InferenceEngine:
                     path,
                     execution_provider=self._execution_provider,
                     intra_op_threads=self._intra_op_threads,
+                    prefix_cache_bytes=self._prefix_cache_bytes,
                 )
             except Exception as exc:
                 error = f"failed to load: {type(exc).__name__}: {exc}"

@@ -12,7 +12,7 @@ from ai_platform.operations import Choice, Completion, Message
 from ai_platform.runtime.generation import Generated, score_options
 from ai_platform.runtime.manifest import verify_manifest
 from ai_platform.runtime.onnx_model import OnnxDecoder
-from ai_platform.runtime.prefix_cache import PrefixCache
+from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 from ai_platform.runtime.tokenizer import ChatTokenizer
 
 
@@ -28,7 +28,13 @@ def _eos_ids(generation_config: Path) -> list[int]:
 class LanguageModel:
     """Turns chat messages into model work; the heavy methods run on the model's worker thread."""
 
-    def __init__(self, tokenizer: ChatTokenizer, decoder: OnnxDecoder, eos_ids: Sequence[int]) -> None:
+    def __init__(
+        self,
+        tokenizer: ChatTokenizer,
+        decoder: OnnxDecoder,
+        eos_ids: Sequence[int],
+        prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
         self.tokenizer = tokenizer
         self.decoder = decoder
         # A chat model's tokenizer eos is its end-of-turn token; generation_config.json
@@ -39,10 +45,18 @@ class LanguageModel:
             raise ValueError("no eos token in generation_config.json or tokenizer_config.json")
         self.end_of_turn_id = ordered[0]
         self.eos_ids = frozenset(ordered)
-        self.prefix_cache = PrefixCache()  # shared by generation and option scoring, on the model's thread
+        # Shared by generation and option scoring, on the model's thread.
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
 
     @classmethod
-    def load(cls, folder: Path, *, execution_provider: str, intra_op_threads: int | None) -> LanguageModel:
+    def load(
+        cls,
+        folder: Path,
+        *,
+        execution_provider: str,
+        intra_op_threads: int | None,
+        prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> LanguageModel:
         """Load a model folder (config.json, generation_config.json, tokenizer files, the ONNX graph).
 
         A folder with ``genai_config.json`` holds an onnxruntime-genai builder graph (fused
@@ -66,7 +80,8 @@ class LanguageModel:
             intra_op_threads=intra_op_threads,
             fused_attention=fused,
         )
-        return cls(ChatTokenizer.from_folder(folder), decoder, _eos_ids(folder / "generation_config.json"))
+        eos_ids = _eos_ids(folder / "generation_config.json")
+        return cls(ChatTokenizer.from_folder(folder), decoder, eos_ids, prefix_cache_bytes)
 
     @property
     def provider(self) -> str:

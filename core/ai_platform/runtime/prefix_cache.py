@@ -21,7 +21,7 @@ DEFAULT_MAX_BYTES = 64 * 2**20
 class PrefixCache:
     """The KV caches of the most recently prefilled prompts of one model, at most ``max_bytes`` in all.
 
-    Used from the model's own thread only.
+    ``max_bytes=0`` keeps nothing (``PREFIX_CACHE_MB=0``). Used from the model's own thread only.
     """
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
