@@ -53,10 +53,6 @@ class ContinuousBatch:
         """Sequences prefilling or decoding now."""
         return len(self._rows) + len(self._prefilling)
 
-    @property
-    def has_room(self) -> bool:
-        return self.active < self.max_batch
-
     def admit(self, request: SequenceRequest) -> None:
         """Queue ``request``'s prompt; the next steps prefill it, then it decodes with the others."""
         if request.budget <= 0:
