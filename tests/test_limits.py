@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -128,3 +128,17 @@ async def test_audit_rows_are_written_in_batches_and_flushed(tmp_path: Path) -> 
         assert await AuditRecord.all().count() == 100
         await trail.flush()  # ...or a flush (shutdown)
         assert await AuditRecord.filter(status=200, output_tokens=3).count() == 120
+
+
+@pytest.mark.parametrize(("retention_days", "kept"), [(90, {"recent", "new"}), (0, {"old", "recent", "new"})])
+async def test_audit_rows_past_the_retention_are_deleted(tmp_path: Path, retention_days: int, kept: set[str]) -> None:
+    now = datetime.now(UTC)
+    async with database(f"sqlite://{tmp_path}/audit.sqlite3"):
+        for request_id, age in (("old", timedelta(days=91)), ("recent", timedelta(days=89))):
+            await AuditRecord.create(
+                timestamp=now - age, request_id=request_id, method="GET", path="/health", status=200, duration_ms=1
+            )
+        trail = AuditTrail(retention_days=retention_days)
+        trail.record(AuditEntry(now, "new", "GET", "/health", None, None, 200, 1.0, 0))
+        await trail.flush()
+        assert set(await AuditRecord.all().values_list("request_id", flat=True)) == kept

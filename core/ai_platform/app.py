@@ -59,7 +59,7 @@ class PlatformPlugin(InitPluginProtocol):
             lease_seconds=settings.request_timeout_seconds + 60,
         )
         self.metrics = PlatformMetrics(engine, plugins.operations)
-        self.audit = AuditTrail()
+        self.audit = AuditTrail(retention_days=settings.audit_retention_days)
         self.service = OperationService(
             OrchestrationService(
                 plugins.operations,

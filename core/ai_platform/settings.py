@@ -39,6 +39,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     admin_api_keys: list[NonEmptyStr] = msgspec.field(default_factory=list)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_dir: Path = Path("logs")
+    audit_retention_days: Annotated[int, msgspec.Meta(ge=0)] = 90
     default_daily_limit: PositiveInt = 1000
     limit_timezone: NonEmptyStr = "UTC"
     operation_model_map: dict[str, NonEmptyStr] = msgspec.field(default_factory=lambda: dict(SEED_OPERATION_MODEL_MAP))

@@ -7,12 +7,15 @@ import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from ai_platform.usage import statements
 from ai_platform.usage.database import transactions
+from ai_platform.usage.models import AuditRecord
 
 log = logging.getLogger("ai_platform.audit")
+
+PRUNE_EVERY = timedelta(hours=1)
 
 
 def key_id(api_key: str, secret_key: str) -> str:
@@ -41,12 +44,17 @@ class AuditTrail:
     Rows wait at most ``flush_seconds`` (or until ``max_pending`` are waiting), so a
     busy server writes one transaction per batch instead of one per request and no
     request waits for its own audit row. A killed process loses at most the rows of
-    its last ``flush_seconds``; the log lines are written as they happen.
+    its last ``flush_seconds``; the log lines are written as they happen. Rows older
+    than ``retention_days`` (0: none) are deleted after a write, at most once per
+    ``PRUNE_EVERY``, so the table cannot grow without bound (unauthenticated
+    requests are audited too).
     """
 
-    def __init__(self, *, flush_seconds: float = 0.1, max_pending: int = 256) -> None:
+    def __init__(self, *, flush_seconds: float = 0.1, max_pending: int = 256, retention_days: int = 0) -> None:
         self._flush_seconds = flush_seconds
         self._max_pending = max_pending
+        self._retention = timedelta(days=retention_days)
+        self._pruned_at: datetime | None = None
         self._pending: list[AuditEntry] = []
         self._timer: asyncio.TimerHandle | None = None
         self._writing: asyncio.Task[None] | None = None
@@ -87,8 +95,20 @@ class AuditTrail:
                     await transactions().run(statements.audit_rows([tuple(vars(e).values()) for e in batch]))
                 except Exception:
                     log.exception("could not write %d audit records", len(batch))
+            await self._prune()
         finally:
             self._writing = None
+
+    async def _prune(self) -> None:
+        now = datetime.now(UTC)
+        if not self._retention or (self._pruned_at is not None and now - self._pruned_at < PRUNE_EVERY):
+            return
+        self._pruned_at = now
+        try:
+            if deleted := await AuditRecord.filter(timestamp__lt=now - self._retention).delete():
+                log.info("deleted %d audit records older than %d days", deleted, self._retention.days)
+        except Exception:
+            log.exception("could not delete old audit records")
 
     async def flush(self) -> None:
         """Write every queued row now (at shutdown, and for tests that read the table)."""
