@@ -7,12 +7,24 @@ import re
 import socket
 from pathlib import Path
 
+import pytest
+
 from ai_platform.testing import ADMIN_KEY, CLIENT_KEY, export_python
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = Path(os.environ.get("AI_PLATFORM_DEMO_MODEL", ROOT / "models" / "smollm2-135m-instruct"))
 
 EXPORT_PYTHON = export_python()
+# onnxruntime-genai's builder needs transformers 5.x, so it lives in an environment of its own.
+GENAI_PYTHON = os.environ.get("AI_PLATFORM_GENAI_PYTHON", str(ROOT / ".cache" / "genai-venv" / "bin" / "python"))
+
+
+def genai_args() -> list[str]:
+    """The exporter's ``--genai-python`` option, or skip the test when that environment is missing."""
+    if not Path(GENAI_PYTHON).is_file():
+        pytest.skip(f"no onnxruntime-genai environment at {GENAI_PYTHON} (set AI_PLATFORM_GENAI_PYTHON)")
+    return ["--genai-python", GENAI_PYTHON]
+
 
 KEY = {"X-API-Key": CLIENT_KEY}
 ADMIN = {"X-API-Key": ADMIN_KEY}

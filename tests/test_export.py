@@ -21,9 +21,7 @@ from tokenizers import Tokenizer
 from ai_platform.runtime.generation import greedy_generate
 from ai_platform.runtime.manifest import verify_manifest
 from ai_platform.runtime.model import LanguageModel
-from support import EXPORT_PYTHON, ROOT
-
-GENAI_PYTHON = os.environ.get("AI_PLATFORM_GENAI_PYTHON", str(ROOT / ".cache" / "genai-venv" / "bin" / "python"))
+from support import EXPORT_PYTHON, ROOT, genai_args
 
 REQUIRED_FILES = (
     "config.json",
@@ -218,19 +216,13 @@ print(json.dumps({
 """
 
 
-def _genai_args() -> list[str]:
-    if not Path(GENAI_PYTHON).is_file():
-        pytest.skip(f"no onnxruntime-genai environment at {GENAI_PYTHON} (set AI_PLATFORM_GENAI_PYTHON)")
-    return ["--genai-python", GENAI_PYTHON]
-
-
 @pytest.fixture(scope="module", params=QUANTIZED, ids=[f"{f}-{p}" for f, p in QUANTIZED])
 def quantized(request: pytest.FixtureRequest, tiny_model_dir: Path) -> tuple[Path, Path, str]:
     """(the tiny model at a quantized precision, its fp32 build in the same format, the precision)."""
     export_format, precision = request.param
     fp32, extra = tiny_model_dir, []
     if export_format == "genai":
-        fp32, extra = tiny_model_dir.parent / "tiny-qwen2-genai", _genai_args()
+        fp32, extra = tiny_model_dir.parent / "tiny-qwen2-genai", genai_args()
         _run_export("tiny", "--format", "genai", "--out", str(fp32), *extra)  # as the runtime tests build it
     out = tiny_model_dir.parent / f"tiny-qwen2-{export_format}-{precision}"
     _run_export("tiny", "--format", export_format, "--precision", precision, "--out", str(out), *extra)

@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 
 from ai_platform.runtime.model import LanguageModel
-from support import EXPORT_PYTHON, ROOT
+from support import EXPORT_PYTHON, ROOT, genai_args
 
-# onnxruntime-genai's builder needs transformers 5.x, so it lives in an environment of its own.
-GENAI_PYTHON = os.environ.get("AI_PLATFORM_GENAI_PYTHON", str(ROOT / ".cache" / "genai-venv" / "bin" / "python"))
 TINY_GENAI_DIR = ROOT / ".cache" / "test-models" / "tiny-qwen2-genai"
 
 
@@ -26,11 +24,9 @@ def tiny_model(tiny_model_dir: Path) -> LanguageModel:
 @pytest.fixture(scope="session")
 def tiny_genai_model() -> LanguageModel:
     """The tiny model built by onnxruntime-genai's builder (fp32, GroupQueryAttention)."""
-    if not Path(GENAI_PYTHON).is_file():
-        pytest.skip(f"no onnxruntime-genai environment at {GENAI_PYTHON} (set AI_PLATFORM_GENAI_PYTHON)")
     command = [EXPORT_PYTHON, "-m", "ai_platform.export", "tiny", "--format", "genai", "--out", str(TINY_GENAI_DIR)]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "core"))
-    subprocess.run([*command, "--genai-python", GENAI_PYTHON], check=True, env=env, stdout=sys.stderr)
+    subprocess.run([*command, *genai_args()], check=True, env=env, stdout=sys.stderr)
     return LanguageModel.load(TINY_GENAI_DIR, execution_provider="cpu", intra_op_threads=1)
 
 
