@@ -67,12 +67,22 @@ def _pad_left(array: np.ndarray, axis: int, length: int) -> np.ndarray:
     return np.pad(array, widths)
 
 
-class PaddedBatch:
+class _Prefilling:
+    """What both layouts share: a prompt is prefilled alone, the same way, before it joins."""
+
+    def __init__(self, decoder: OnnxDecoder, cache: PrefixCache | None) -> None:
+        self._decoder = decoder
+        self._cache = cache
+
+    def prefill(self, prompt: Sequence[int]) -> Prefill:
+        return prefill_chunks(self._decoder, prompt, self._cache)
+
+
+class PaddedBatch(_Prefilling):
     """Left-padded batch over an optimum graph (attention mask + explicit positions)."""
 
     def __init__(self, decoder: OnnxDecoder, cache: PrefixCache | None = None) -> None:
-        self._decoder = decoder
-        self._cache = cache
+        super().__init__(decoder, cache)
         self._past: list[np.ndarray] = decoder.empty_past(0)
         self._mask = np.zeros((0, 0), dtype=np.int64)
         self._positions = np.zeros((0, 1), dtype=np.int64)
@@ -80,9 +90,6 @@ class PaddedBatch:
     @property
     def size(self) -> int:
         return self._mask.shape[0]
-
-    def prefill(self, prompt: Sequence[int]) -> Prefill:
-        return prefill_chunks(self._decoder, prompt, self._cache)
 
     def join(self, past: list[np.ndarray]) -> None:
         prompt_length = past[0].shape[2]
@@ -117,12 +124,11 @@ class PaddedBatch:
             self._past = [layer[:, :, start:] for layer in self._past]
 
 
-class SharedBufferBatch:
+class SharedBufferBatch(_Prefilling):
     """Right-padded batch over a GroupQueryAttention graph, decoding in place in shared buffers."""
 
     def __init__(self, decoder: OnnxDecoder, cache: PrefixCache | None = None) -> None:
-        self._decoder = decoder
-        self._cache = cache
+        super().__init__(decoder, cache)
         self._lengths = np.zeros(0, dtype=np.int64)  # valid positions per row
         self._buffers: list[np.ndarray] = []
         self._logits = np.zeros((0, 1, decoder.vocab_size), dtype=decoder.logits_dtype)
@@ -155,11 +161,8 @@ class SharedBufferBatch:
         self._lengths = lengths
         self._logits = np.zeros((rows, 1, self._decoder.vocab_size), dtype=self._decoder.logits_dtype)
 
-    def prefill(self, prompt: Sequence[int]) -> Prefill:
-        # Prefill without sharing (the graph appends to the past it is given), then copy into
-        # the row: one copy per sequence, and chunked prefill works unchanged.
-        return prefill_chunks(self._decoder, prompt, self._cache)
-
+    # A prompt is prefilled without sharing (the graph appends to the past it is given), then
+    # copied into its row: one copy per sequence, and chunked prefill works unchanged.
     def join(self, past: list[np.ndarray]) -> None:
         row, length = self._size, past[0].shape[2]
         self._reserve(row + 1, length + 1)
