@@ -11,11 +11,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 # Enough for dozens of typical prompts of a small model (SmolLM2-135M: 46 KB per token in fp32).
 DEFAULT_MAX_BYTES = 64 * 2**20
+
+
+class _Entry(NamedTuple):
+    tokens: np.ndarray  # the prompt, as an array once, for comparing against every new prompt
+    past: list[np.ndarray]
+    nbytes: int
 
 
 class PrefixCache:
@@ -26,7 +33,7 @@ class PrefixCache:
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[int, ...], list[np.ndarray]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self._bytes = 0
         self.hits = 0  # prompts that reused cached positions
         self.reused_tokens = 0
@@ -35,11 +42,11 @@ class PrefixCache:
         """The longest cached prefix of ``prompt`` (leaving at least its last token to run) and its KV."""
         wanted = np.asarray(prompt)
         best, best_key = 0, None
-        for key in self._entries:
+        for key, entry in self._entries.items():
             length = min(len(key), len(prompt) - 1)
             if length <= best:
                 continue
-            differs = np.flatnonzero(np.asarray(key[:length]) != wanted[:length])
+            differs = np.flatnonzero(entry.tokens[:length] != wanted[:length])
             common = int(differs[0]) if differs.size else length
             if common > best:
                 best, best_key = common, key
@@ -48,18 +55,17 @@ class PrefixCache:
         self._entries.move_to_end(best_key)
         self.hits += 1
         self.reused_tokens += best
-        return best, [np.ascontiguousarray(layer[:, :, :best]) for layer in self._entries[best_key]]
+        return best, [np.ascontiguousarray(layer[:, :, :best]) for layer in self._entries[best_key].past]
 
     def store(self, prompt: Sequence[int], past: list[np.ndarray]) -> None:
         """Keep ``past`` (the KV cache of exactly ``prompt``, one row) for later prompts."""
         key = tuple(prompt)
-        size = sum(layer.nbytes for layer in past)
-        if size > self._max_bytes:
+        entry = _Entry(np.asarray(prompt), past, sum(layer.nbytes for layer in past))
+        if entry.nbytes > self._max_bytes:
             return
         if key in self._entries:
-            self._bytes -= sum(layer.nbytes for layer in self._entries.pop(key))
-        self._entries[key] = past
-        self._bytes += size
+            self._bytes -= self._entries.pop(key).nbytes
+        self._entries[key] = entry
+        self._bytes += entry.nbytes
         while self._bytes > self._max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self._bytes -= sum(layer.nbytes for layer in evicted)
+            self._bytes -= self._entries.popitem(last=False)[1].nbytes
