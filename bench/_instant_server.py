@@ -10,38 +10,19 @@ import sys
 import uvicorn
 
 from ai_platform.app import create_app
-from ai_platform.operations import Choice, Choose, Completion, Generate
-from ai_platform.runtime.engine import ModelStatus
 from ai_platform.settings import Settings
+from ai_platform.testing import FakeEngine
+
+ANSWER = "The meeting moved to Thursday."
 
 
-class InstantEngine:
-    """An engine whose model calls cost nothing, so only the platform's own time remains."""
-
-    def __init__(self, operations: dict[str, str]) -> None:
-        self._operations = operations
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    def status(self) -> list[ModelStatus]:
-        return [ModelStatus(op, model, model, True, "stub", None) for op, model in self._operations.items()]
-
-    def model_name(self, operation: str) -> str:
-        return self._operations[operation]
-
-    async def generate(self, operation: str, call: Generate, *, max_output_tokens: int) -> Completion:
-        return Completion(text="The meeting moved to Thursday.", output_tokens=7, finish_reason="stop")
-
-    async def choose(self, operation: str, call: Choose) -> Choice:
-        return Choice(scores={option: 1 / len(call.options) for option in call.options}, output_tokens=1)
+def instant_engine(models: dict[str, str]) -> FakeEngine:
+    """The plugin kit's fake runtime with a fixed answer: model calls cost nothing, only the platform's time remains."""
+    return FakeEngine(models=models, answer=ANSWER)
 
 
 if __name__ == "__main__":
     loop, http_impl, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     settings = Settings.from_env(env_file=None)
-    app = create_app(settings, engine=InstantEngine(dict(settings.operation_model_map)))
+    app = create_app(settings, engine=instant_engine(dict(settings.operation_model_map)))
     uvicorn.run(app, port=port, loop=loop, http=http_impl, log_level="warning")

@@ -75,11 +75,11 @@ def _read_response(connection: socket.socket) -> tuple[int, bytes]:
 
 
 def direct_calls(count: int) -> list[float]:
-    from _instant_server import InstantEngine
+    from _instant_server import instant_engine
 
     from ai_platform.operations import Generate
 
-    engine = InstantEngine({"summarize": "stub"})
+    engine = instant_engine({"summarize": "stub"})
 
     async def calls() -> list[float]:
         times = []
