@@ -60,6 +60,7 @@ class PlatformPlugin(InitPluginProtocol):
         )
         self.metrics = PlatformMetrics(engine, plugins.operations)
         self.audit = AuditTrail(retention_days=settings.audit_retention_days)
+        self.keyring = KeyRing(settings.valid_api_keys, settings.admin_api_keys, settings.secret_key)
         self.service = OperationService(
             OrchestrationService(
                 plugins.operations,
@@ -82,14 +83,13 @@ class PlatformPlugin(InitPluginProtocol):
         app_config.route_handlers.extend(operation_route(op, self.service) for op in self.plugins.operations.values())
         app_config.route_handlers.append(unknown_operation_route(self.service))
         app_config.route_handlers.extend(limit_routes(self.limits))
-        app_config.route_handlers.extend(quota_routes(self.limits, self.settings))
+        app_config.route_handlers.extend(quota_routes(self.limits, self.keyring))
         app_config.route_handlers.append(health_route(self.engine, self.plugins))
         app_config.route_handlers.extend(introspection_routes(self.plugins, self.engine))
         app_config.route_handlers.append(metrics_route(self.metrics, self.settings.metrics_access))
 
     def _configure_security(self, app_config: AppConfig) -> None:
-        keyring = KeyRing(self.settings.valid_api_keys, self.settings.admin_api_keys, self.settings.secret_key)
-        app_config.middleware.extend([AuditMiddleware(self.metrics, self.audit), api_key_middleware(keyring)])
+        app_config.middleware.extend([AuditMiddleware(self.metrics, self.audit), api_key_middleware(self.keyring)])
 
     def _configure_errors(self, app_config: AppConfig) -> None:
         app_config.exception_handlers.update(EXCEPTION_HANDLERS)

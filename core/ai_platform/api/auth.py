@@ -16,10 +16,14 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
 
 from ai_platform.errors import AuthenticationError
-from ai_platform.usage.audit import key_id
 
 API_KEY_HEADER = "X-API-Key"
 PUBLIC_PATHS = ["^/health$"]
+
+
+def key_id(api_key: str, secret_key: str) -> str:
+    """A stable, non-reversible id for an API key (HMAC with ``SECRET_KEY``), safe to store and log."""
+    return hmac.new(secret_key.encode(), api_key.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,11 @@ class KeyRing:
         self._admin = [self._digest(k) for k in admin_keys]
         # Each key's id, computed once rather than an HMAC per request.
         self._ids = {self._digest(k): key_id(k, secret_key) for k in [*client_keys, *admin_keys]}
+
+    @property
+    def key_ids(self) -> list[str]:
+        """The ids of the configured keys (client keys first), each once."""
+        return list(dict.fromkeys(self._ids.values()))
 
     @staticmethod
     def _digest(key: str) -> bytes:

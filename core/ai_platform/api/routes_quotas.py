@@ -14,12 +14,10 @@ from litestar import Request, delete, get, put
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath, FromQuery, JSONBody
 
-from ai_platform.api.auth import Principal, admin_only
+from ai_platform.api.auth import KeyRing, Principal, admin_only
 from ai_platform.api.validation import not_one_of
 from ai_platform.errors import NotFoundError
 from ai_platform.services.orchestration import iso_timestamp
-from ai_platform.settings import Settings
-from ai_platform.usage.audit import key_id
 from ai_platform.usage.limit_service import KeyUsageInfo, LimitService, QuotaInfo
 
 KeyId = Annotated[str, msgspec.Meta(min_length=1, max_length=16, pattern=r"^[0-9a-f]+$")]
@@ -80,11 +78,9 @@ def _usage_response(rows: list[KeyUsageInfo]) -> KeyUsageResponse:
     )
 
 
-def quota_routes(limits: LimitService, settings: Settings) -> list[HTTPRouteHandler]:
+def quota_routes(limits: LimitService, keyring: KeyRing) -> list[HTTPRouteHandler]:
     # Only configured keys can be given quotas: a typo must not silently set nothing.
-    key_ids = list(
-        dict.fromkeys(key_id(k, settings.secret_key) for k in settings.valid_api_keys + settings.admin_api_keys)
-    )
+    key_ids = keyring.key_ids
 
     @get("/quotas", tags=["quotas"], summary="Every per-key quota (admin key).", guards=[admin_only])
     async def get_quotas() -> QuotasResponse:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -16,11 +14,6 @@ from ai_platform.usage.models import AuditRecord
 log = logging.getLogger("ai_platform.audit")
 
 PRUNE_EVERY = timedelta(hours=1)
-
-
-def key_id(api_key: str, secret_key: str) -> str:
-    """A stable, non-reversible id for an API key (HMAC with ``SECRET_KEY``), safe to store and log."""
-    return hmac.new(secret_key.encode(), api_key.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
