@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -20,10 +22,37 @@ GENAI_PYTHON = os.environ.get("AI_PLATFORM_GENAI_PYTHON", str(ROOT / ".cache" / 
 
 
 def genai_args() -> list[str]:
-    """The exporter's ``--genai-python`` option, or skip the test when that environment is missing."""
+    """The exporter's ``--genai-python`` option; a missing environment fails the test (``make test`` builds it)."""
     if not Path(GENAI_PYTHON).is_file():
-        pytest.skip(f"no onnxruntime-genai environment at {GENAI_PYTHON} (set AI_PLATFORM_GENAI_PYTHON)")
+        pytest.fail(
+            f"no onnxruntime-genai environment at {GENAI_PYTHON}: run `make install` (or set AI_PLATFORM_GENAI_PYTHON)"
+        )
     return ["--genai-python", GENAI_PYTHON]
+
+
+# Tests of the real system programs (nginx, openssl, systemd-analyze, PostgreSQL's initdb and pg_ctl)
+# skip where one is missing, naming its Debian package. .ci/run installs them all and sets this
+# variable, so that there a missing program fails instead: CI never silently skips these tests.
+REQUIRE_SYSTEM_TOOLS = "AI_PLATFORM_REQUIRE_SYSTEM_TOOLS"
+
+
+def missing_system_tool(what: str, package: str) -> NoReturn:
+    """Skip the test because ``what`` is not installed, or fail it when AI_PLATFORM_REQUIRE_SYSTEM_TOOLS is set."""
+    reason = f"{what} not installed (apt install {package})"
+    if os.environ.get(REQUIRE_SYSTEM_TOOLS, "") not in ("", "0"):
+        pytest.fail(f"{reason}; {REQUIRE_SYSTEM_TOOLS} is set, so this test may not be skipped", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_program(program: str, package: str, *, folders: list[str] | None = None) -> str:
+    """The path of ``program`` in ``folders`` (default: PATH, then /usr/sbin and /sbin); missing, the test skips
+    naming ``package``, or fails where AI_PLATFORM_REQUIRE_SYSTEM_TOOLS is set (missing_system_tool)."""
+    if folders is None:
+        folders = [os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin"]
+    found = shutil.which(program, path=os.pathsep.join(folders))
+    if found is None:
+        missing_system_tool(program, package)
+    return found
 
 
 KEY = {"X-API-Key": CLIENT_KEY}

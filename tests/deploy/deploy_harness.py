@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -17,9 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from support import ROOT
+from support import ROOT, missing_system_tool, require_program
 
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "systemd" / "ai-platform.service"
@@ -28,12 +25,21 @@ INSTALL = DEPLOY / "install.sh"
 DISTRO_NGINX_CONF = Path("/etc/nginx/nginx.conf")
 
 
+# The Debian package of each program these tests run (.ci/run installs them).
+PACKAGES = {"nginx": "nginx", "openssl": "openssl", "systemd-analyze": "systemd"}
+
+
 def require(program: str) -> str:
-    """The program's path; a missing one fails the test (CI installs it in .ci/run)."""
-    path = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
-    if path is None:
-        pytest.fail(f"{program} is not installed: `apt-get install -y nginx openssl systemd` (.ci/run does)")
-    return path
+    """The program's path; a missing one skips the test, or fails it in CI (support.require_program)."""
+    return require_program(program, PACKAGES[program])
+
+
+def distro_nginx_conf() -> Path:
+    """The distribution's nginx.conf, which the tests include the deploy site from, as nginx reads it."""
+    require("nginx")
+    if not DISTRO_NGINX_CONF.is_file():
+        missing_system_tool(f"{DISTRO_NGINX_CONF} (nginx's own configuration)", PACKAGES["nginx"])
+    return DISTRO_NGINX_CONF
 
 
 def free_port() -> int:
@@ -73,7 +79,7 @@ def substitute(text: str, old: str, new: str) -> str:
 
 def main_config(folder: Path, site: Path) -> Path:
     """The distribution's own nginx.conf, including ``site`` as sites-enabled/ would, logs in ``folder``."""
-    text = DISTRO_NGINX_CONF.read_text()
+    text = distro_nginx_conf().read_text()
     text = re.sub(r"(?m)^pid .*$", f"pid {folder}/nginx.pid;", text)
     text = re.sub(r"(?m)^(\s*)error_log .*$", rf"\1error_log {folder}/error.log;", text)
     text = re.sub(r"(?m)^(\s*)access_log .*$", rf"\1access_log {folder}/access.log;", text)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from deploy_harness import INSTALL, main_config, nginx_test, require
+from deploy_harness import INSTALL, distro_nginx_conf, main_config, nginx_test, require
 from dotenv import dotenv_values
 
 from support import ROOT
@@ -59,6 +59,14 @@ def test_dry_run_prints_the_seed_steps_and_changes_nothing(family: str, tmp_path
 
 
 @pytest.fixture(scope="module")
+def system_programs() -> None:
+    """The programs the --prefix install runs or is checked by; looked for before the slow wheelhouse build."""
+    require("openssl")
+    require("systemd-analyze")
+    distro_nginx_conf()
+
+
+@pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """deploy/build-wheelhouse.sh, with the test environment's Python and package index."""
     out = tmp_path_factory.mktemp("wheelhouse")
@@ -68,6 +76,7 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.usefixtures("system_programs")
 def test_prefix_install_is_complete_idempotent_and_accepted_by_systemd_and_nginx(
     wheelhouse: Path, tmp_path: Path
 ) -> None:

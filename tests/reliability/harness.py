@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
-import shutil
 import sqlite3
 import subprocess
 import time
@@ -19,9 +18,8 @@ from typing import Any, TypeVar
 import asyncpg
 import httpx
 import psutil
-import pytest
 
-from support import free_port
+from support import free_port, missing_system_tool, require_program
 
 T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
@@ -33,16 +31,25 @@ def run_sync(work: Coroutine[Any, Any, T]) -> T:
         return thread.submit(asyncio.run, work).result()
 
 
+def _version(bindir: str) -> tuple[int, ...]:
+    """(16,) for /usr/lib/postgresql/16/bin: 16 sorts after 9."""
+    return tuple(int(part) for part in Path(bindir).parent.name.split(".") if part.isdigit())
+
+
 def pg_bindir() -> Path:
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), reverse=True)
-    if shutil.which("pg_ctl"):
-        candidates.insert(0, str(shutil.which("pg_ctl")))
-    if not candidates:
-        pytest.fail(
-            "PostgreSQL server binaries (pg_ctl, initdb) not found: install the Debian package "
-            "`postgresql` (.ci/run does) to run the PostgreSQL tests"
-        )
-    return Path(candidates[0]).resolve().parent
+    """Where PostgreSQL's server programs are: ``AI_PLATFORM_PG_BINDIR`` if set (only there), else PATH, then
+    the newest /usr/lib/postgresql/*/bin (Debian keeps them off PATH). Missing, the PostgreSQL tests skip,
+    or fail where AI_PLATFORM_REQUIRE_SYSTEM_TOOLS is set (support.require_program)."""
+    override = os.environ.get("AI_PLATFORM_PG_BINDIR")
+    if override:
+        folders = [override]
+    else:
+        versions = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version, reverse=True)
+        folders = [os.environ.get("PATH", os.defpath), *versions]
+    bindir = Path(require_program("pg_ctl", "postgresql", folders=folders)).resolve().parent
+    if not (bindir / "initdb").is_file():
+        missing_system_tool(f"initdb (next to {bindir / 'pg_ctl'})", "postgresql")
+    return bindir
 
 
 @dataclass
