@@ -34,7 +34,8 @@ from ai_platform.services.operation_service import OperationService
 from ai_platform.services.orchestration import Engine, OrchestrationService
 from ai_platform.settings import Settings
 from ai_platform.usage.audit import AuditTrail
-from ai_platform.usage.database import database
+from ai_platform.usage.database import database_in_background
+from ai_platform.usage.database import is_open as database_is_open
 from ai_platform.usage.limit_service import LimitService
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,9 @@ class PlatformPlugin(InitPluginProtocol):
     def _configure_lifespan(self, app_config: AppConfig) -> None:
         @asynccontextmanager
         async def lifespan(_: Litestar) -> AsyncIterator[None]:
-            async with database(self.settings.database_url):
-                await self.limits.recover()
+            # The server starts even when the database is down: it keeps trying in the background,
+            # operations answer 503 meanwhile and /health says why (usage/database.py).
+            async with database_in_background(self.settings.database_url, on_open=self.limits.recover):
                 try:
                     await self.engine.start()
                     log.info("%s serving operations: %s", self.settings.app_name, ", ".join(self.plugins.operations))
@@ -108,7 +110,8 @@ class PlatformPlugin(InitPluginProtocol):
                     try:
                         await self.engine.close()
                     finally:
-                        await self.audit.flush()  # the rows still queued, while the database is open
+                        if database_is_open():
+                            await self.audit.flush()  # the rows still queued, while the database is open
 
         app_config.lifespan.append(lifespan)
 
@@ -150,7 +153,12 @@ def create_app(
         )
     return Litestar(
         plugins=[PlatformPlugin(settings, plugins, engine)],
-        logging_config=logging_config(settings.log_level, settings.log_dir),
+        logging_config=logging_config(
+            settings.log_level,
+            settings.log_dir,
+            max_bytes=settings.log_max_bytes,
+            backup_count=settings.log_backup_count,
+        ),
         request_max_body_size=MAX_BODY_BYTES,
         debug=debug,
     )

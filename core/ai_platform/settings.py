@@ -39,6 +39,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     admin_api_keys: list[NonEmptyStr] = msgspec.field(default_factory=list)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_dir: Path = Path("logs")
+    log_max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 10 * 1024 * 1024
+    log_backup_count: Annotated[int, msgspec.Meta(ge=1)] = 5
     audit_retention_days: Annotated[int, msgspec.Meta(ge=0)] = 90
     default_daily_limit: PositiveInt = 1000
     limit_timezone: NonEmptyStr = "UTC"

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import logging.handlers
+import logging
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from litestar.testing import AsyncTestClient
 
 from ai_platform.app import create_app
+from ai_platform.logging_config import SharedRotatingFileHandler
 from ai_platform.settings import Settings
 from ai_platform.testing import FakeEngine
 from support import ADMIN_KEY, CLIENT_KEY, KEY, SEED_MODELS, SUMMARIZE
@@ -42,7 +46,74 @@ async def test_one_structured_line_per_request_without_secrets_or_text(env: dict
 def test_log_file_rotates_and_console_is_kept_for_journald(env: dict[str, str]) -> None:
     config = create_app(Settings.from_mapping(env), engine=FakeEngine()).logging_config
     handlers = config.handlers  # type: ignore[union-attr]
-    assert handlers["file"]["class"] == "logging.handlers.RotatingFileHandler"
+    assert handlers["file"]["class"] == "ai_platform.logging_config.SharedRotatingFileHandler"
     assert (handlers["file"]["maxBytes"], handlers["file"]["backupCount"]) == (10 * 1024 * 1024, 5)
     assert handlers["console"]["class"] == "logging.StreamHandler"
-    assert logging.handlers.RotatingFileHandler  # the class the file handler names exists
+    settings = Settings.from_mapping({**env, "LOG_MAX_BYTES": "4096", "LOG_BACKUP_COUNT": "9"})
+    handlers = create_app(settings, engine=FakeEngine()).logging_config.handlers  # type: ignore[union-attr]
+    assert (handlers["file"]["maxBytes"], handlers["file"]["backupCount"]) == (4096, 9)
+
+
+# One writer process: the app's own logging configuration, then LINES lines once the start file exists.
+WRITER = """
+import logging, sys, time
+from pathlib import Path
+from ai_platform.logging_config import logging_config
+folder, writer, lines, start, max_bytes = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
+logging_config("INFO", folder, max_bytes=max_bytes, backup_count=1000).configure()
+log = logging.getLogger("ai_platform.rotation")
+while not start.exists():
+    time.sleep(0.001)
+for line in range(lines):
+    log.info("writer=%d line=%05d %s", writer, line, "x" * (20 + line * 7 % 60))
+"""
+WRITTEN = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ai_platform\.rotation: writer=(\d+) line=(\d{5}) (x+)$"
+)
+
+
+def test_workers_sharing_the_log_file_rotate_it_without_losing_or_breaking_a_line(tmp_path: Path) -> None:
+    """Several processes (as ``serve --workers``) write platform.log at once through ~50 rotations."""
+    writers, lines, max_bytes = 4, 400, 4096
+    folder, start = tmp_path / "logs", tmp_path / "start"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(folder), str(w), str(lines), str(start), str(max_bytes)],
+            stderr=subprocess.DEVNULL,  # the console handler's copy
+        )
+        for w in range(writers)
+    ]
+    time.sleep(1.5)  # let them all import and configure logging, then start them together
+    start.touch()
+    assert [p.wait(timeout=120) for p in processes] == [0] * writers
+
+    backups = sorted(folder.glob("platform.log.*[0-9]"), key=lambda f: -int(f.suffix[1:]))
+    files = [*backups, folder / "platform.log"]
+    assert len(files) > 20  # it did rotate, many times, and deleted no backup (1000 kept)
+    assert [int(f.suffix[1:]) for f in files[:-1]] == list(range(len(files) - 1, 0, -1))  # .N … .1, no gap
+    seen: dict[int, list[int]] = {w: [] for w in range(writers)}
+    for file in files:  # oldest first
+        assert file.stat().st_size <= max_bytes, file
+        for text in file.read_text().splitlines():
+            match = WRITTEN.match(text)
+            assert match, f"broken line in {file.name}: {text!r}"
+            writer, line, padding = int(match[1]), int(match[2]), match[3]
+            assert len(padding) == 20 + line * 7 % 60, text  # whole: nothing cut or mixed in
+            seen[writer].append(line)
+    # Every line of every writer, once, in the order it was written: none lost, none duplicated.
+    assert seen == {w: list(range(lines)) for w in range(writers)}
+
+
+def test_with_rotation_off_the_file_follows_an_external_rotation(tmp_path: Path) -> None:
+    """``LOG_MAX_BYTES=0`` for logrotate (``create`` mode): after its rename, lines go to the new file."""
+    handler = SharedRotatingFileHandler(tmp_path / "platform.log", maxBytes=0, backupCount=5, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        for line in ("one", "two" * 5000, "three"):
+            handler.handle(logging.makeLogRecord({"msg": line}))
+            if line == "one":
+                (tmp_path / "platform.log").rename(tmp_path / "platform.log.1")  # what logrotate does
+    finally:
+        handler.close()
+    assert (tmp_path / "platform.log.1").read_text() == "one\n"
+    assert (tmp_path / "platform.log").read_text() == "two" * 5000 + "\nthree\n"  # never rotated by size

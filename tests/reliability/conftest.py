@@ -1,4 +1,5 @@
-"""Fixtures of the reliability suite: a throwaway PostgreSQL server and server processes over the fake engine.
+"""Fixtures of the reliability suite: a throwaway PostgreSQL server, and server processes: over the fake engine
+(``serve``: tests that need a fake, e.g. to hold requests in flight) or the real command (``serve_cli``).
 
 The PostgreSQL tests need the server binaries of the Debian package
 ``postgresql`` (``.ci/run`` installs it); without them they fail and say so.
@@ -18,8 +19,11 @@ from pathlib import Path
 import pytest
 from tortoise.backends.base.executor import EXECUTOR_CACHE
 
+from ai_platform.testing import platform_env
 from harness import HERE, PostgresServer, ServerProcess, pg_bindir
 from support import free_port
+
+AI_PLATFORM = Path(sys.executable).parent / "ai-platform"  # the installed command, as an admin runs it
 
 
 @pytest.fixture(scope="session")
@@ -81,5 +85,52 @@ def serve(env: dict[str, str], tmp_path: Path) -> Iterator[object]:
             server.process.send_signal(signal.SIGTERM)
             try:
                 server.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+@pytest.fixture
+def serve_cli(tmp_path: Path) -> Iterator[object]:
+    """``serve_cli(database_url, model_dir, workers=2, **extra_env)``: the real ``ai-platform serve --workers N``.
+
+    Settings come from the environment only (its working folder has no ``.env``), every operation
+    on the real runtime over ``model_dir``. Waits until every worker has started.
+    """
+    started: list[ServerProcess] = []
+
+    def start(database_url: str, model_dir: Path, *, workers: int = 2, **extra: str) -> ServerProcess:
+        port = free_port()
+        folder = tmp_path / f"server-{port}"
+        folder.mkdir()
+        settings = platform_env(
+            folder,
+            DATABASE_URL=database_url,
+            MODELS_DIR=str(model_dir.parent),
+            DEFAULT_MODEL=model_dir.name,
+            OPERATION_MODEL_MAP="{}",
+            ENABLED_PLUGINS="summarize,translate,classify",
+            **extra,
+        )
+        variables = {k: v for k, v in os.environ.items() if k not in settings}
+        output = folder / "output.log"
+        with output.open("wb") as sink:
+            process = subprocess.Popen(
+                [str(AI_PLATFORM), "serve", "--port", str(port), "--workers", str(workers)],
+                env={**variables, **settings},
+                cwd=folder,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        server = ServerProcess(process, port, output)
+        started.append(server)
+        server.wait_ready(workers, seconds=180)
+        return server
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+            try:
+                server.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 server.kill()

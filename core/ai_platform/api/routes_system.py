@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import psutil
 from litestar import get, put
 from litestar.handlers import HTTPRouteHandler
@@ -26,9 +27,22 @@ from ai_platform.api.schemas import (
 from ai_platform.api.validation import not_one_of
 from ai_platform.plugins import LoadedPlugins
 from ai_platform.services.orchestration import iso_timestamp
+from ai_platform.usage.database import database_status
 from ai_platform.usage.limit_service import LimitInfo, LimitService
 
 MB = 1024 * 1024
+
+
+class DatabaseHealth(msgspec.Struct, kw_only=True):
+    available: bool
+    error: str | None = None  # why not: the driver's exception type and message
+    next_attempt_seconds: float | None = None  # not open yet (the server started without it): next try in
+
+
+class SystemHealthResponse(HealthResponse, kw_only=True):
+    """``HealthResponse`` and the usage database's state (without it, operations and limits answer 503)."""
+
+    database: DatabaseHealth
 
 
 def _limit_entry(info: LimitInfo) -> LimitEntry:
@@ -83,8 +97,8 @@ def health_route(engine: Any, plugins: LoadedPlugins) -> HTTPRouteHandler:
     process = psutil.Process(os.getpid())
     psutil.cpu_percent(interval=None)  # the first reading is meaningless; prime it
 
-    @get("/health", tags=["system"], summary="Liveness, resources, models and plugin status (no key).")
-    async def health() -> HealthResponse:
+    @get("/health", tags=["system"], summary="Liveness, resources, models, database and plugin status (no key).")
+    async def health() -> SystemHealthResponse:
         memory = psutil.virtual_memory()
         models = [
             ModelHealth(
@@ -97,8 +111,9 @@ def health_route(engine: Any, plugins: LoadedPlugins) -> HTTPRouteHandler:
             for s in engine.status()
         ]
         failed = [PluginHealth(name=p.name, status=p.status, error=p.error) for p in plugins.problems]
-        healthy = all(m.loaded for m in models) and not failed
-        return HealthResponse(
+        db = await database_status()
+        healthy = all(m.loaded for m in models) and not failed and db.available
+        return SystemHealthResponse(
             status="healthy" if healthy else "degraded",
             uptime_seconds=round(time.monotonic() - started, 1),
             memory_used_mb=round((memory.total - memory.available) / MB, 1),
@@ -107,6 +122,9 @@ def health_route(engine: Any, plugins: LoadedPlugins) -> HTTPRouteHandler:
             process_rss_mb=round(process.memory_info().rss / MB, 1),
             models=models,
             failed_plugins=failed,
+            database=DatabaseHealth(
+                available=db.available, error=db.error, next_attempt_seconds=db.next_attempt_seconds
+            ),
             timestamp=iso_timestamp(datetime.now(UTC)),
         )
 

@@ -133,7 +133,12 @@ class SharedBufferBatch(_Prefilling):
         self._buffers: list[np.ndarray] = []
         self._logits = np.zeros((0, 1, decoder.vocab_size), dtype=decoder.logits_dtype)
         self._binding = decoder.session.io_binding()
-        self._bound_layout: tuple[object, ...] | None = None
+        # Bumped whenever the buffers or logits are replaced or freed: the KV and logits
+        # bindings hold raw pointers into them, so any new generation must be bound again.
+        # (Comparing addresses is not enough: the allocator may hand a new buffer the old
+        # address of one layer while the others moved.)
+        self._generation = 0
+        self._bound: tuple[int, int] | None = None  # (rows, generation) the binding points into
         self._keep_one = np.asarray(1, dtype=np.int64)
         # Bound inputs point into these arrays: they must live until the next step replaces them.
         self._ids = np.zeros((0, 1), dtype=decoder.ids_dtype)
@@ -156,6 +161,7 @@ class SharedBufferBatch(_Prefilling):
         for new, old in zip(grown, self._buffers, strict=False):  # no old buffers on the first call
             new[: self._size, :, : old.shape[2]] = old[: self._size]
         self._buffers = grown
+        self._generation += 1
         lengths = np.zeros(rows, dtype=np.int64)
         lengths[: self._size] = self._lengths[: self._size]
         self._lengths = lengths
@@ -177,11 +183,10 @@ class SharedBufferBatch(_Prefilling):
         self._reserve(rows, total)
         binding = self._binding
         # The cache and logits bindings (120 calls for 60 KV tensors) change only with the row
-        # count or a grown buffer; ids and mask change every step and are bound by name again.
-        layout = (rows, self._buffers[0].ctypes.data, self._buffers[0].shape, self._logits.ctypes.data)
-        if layout != self._bound_layout:
+        # count or new buffers; ids and mask change every step and are bound by name again.
+        if self._bound != (rows, self._generation):
             self._bind_buffers(rows)
-            self._bound_layout = layout
+            self._bound = (rows, self._generation)
         self._ids = np.asarray(tokens, dtype=self._decoder.ids_dtype)[:, None]
         self._mask = (np.arange(total) <= self._lengths[:rows, None]).astype(self._decoder.mask_dtype)
         binding.bind_cpu_input("input_ids", self._ids)
@@ -215,7 +220,11 @@ class SharedBufferBatch(_Prefilling):
                 buffer[row, :, :length] = buffer[last, :, :length]
             self._lengths[row] = length
         self._size -= 1
-        if self._size == 0:  # idle: give the memory back
+        if self._size == 0:  # idle: give the memory back, and no pointer into it may stay bound
+            self._binding.clear_binding_inputs()
+            self._binding.clear_binding_outputs()
+            self._bound = None
+            self._generation += 1
             self._buffers = []
             self._lengths = np.zeros(0, dtype=np.int64)
             self._logits = np.zeros((0, 1, self._decoder.vocab_size), dtype=self._decoder.logits_dtype)

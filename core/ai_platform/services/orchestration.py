@@ -4,6 +4,15 @@ One request flows: input limits (before any model work) → atomic admission
 against the daily limit → the plugin's prompt → the runtime → the plugin's
 response. A request is counted once if and only if it returns a response: its
 reservation is committed last, and given back if anything before fails.
+
+"Returns a response" means its commit ran, which is the last thing before its 200
+is sent. A client that disconnects after that (while the 200 is on its way, or
+during the commit itself, then audited as 499) is counted without receiving the
+answer. That window is left open on purpose: HTTP has no receipt, so no server
+can close it (behind nginx the app never sees the client at all), and committing
+after sending would instead allow the opposite, a 200 delivered but never
+counted (the database failing or the process dying after the send), which breaks
+the exact limits. See README.md, "API".
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ SQLite (one host) and PostgreSQL (several servers) are both supported through
 ``DATABASE_URL``. The schema is managed by Tortoise's built-in migrations
 (``ai_platform.usage.migrations``), applied at startup under a lock so that
 several workers or servers starting together migrate exactly once.
+
+The server does not need the database to start: :func:`database_in_background`
+keeps trying to open it (with backoff, each failure logged) while the app already
+serves, every call that needs it answering 503 until it opens, and ``/health``
+saying why (:func:`database_status`).
 """
 
 from __future__ import annotations
@@ -11,16 +16,22 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import functools
+import logging
+import math
 import os
+import random
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import asyncpg
 from tortoise import Tortoise, connections
 from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.backends.base.config_generator import expand_db_url
 from tortoise.context import TortoiseContext
 from tortoise.exceptions import BaseORMException, DBConnectionError
 from tortoise.migrations.executor import MigrationExecutor, MigrationTarget
@@ -28,6 +39,8 @@ from tortoise.migrations.recorder import MigrationRecorder
 
 from ai_platform.errors import DatabaseUnavailableError
 from ai_platform.usage.statements import Runner, runner_for
+
+log = logging.getLogger(__name__)
 
 MODELS_MODULE = "ai_platform.usage.models"
 MIGRATIONS_MODULE = "ai_platform.usage.migrations"
@@ -38,6 +51,15 @@ BASELINE = MigrationTarget(app_label="models", name="0001_initial")
 PG_MIGRATION_LOCK = 0x41_49_50_4C_41_54  # "AIPLAT"
 # Writers wait for each other this long before SQLite reports "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Opening the database at startup: the wait before the second attempt, doubled after each failure up to
+# the last value; and how long one attempt may take to connect (migrating is not bounded: another
+# worker may hold the migration lock).
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 30.0
+CONNECT_TIMEOUT_SECONDS = 10.0
+# /health checks a database that failed a request again at most this often.
+PROBE_SECONDS = 5.0
+UNAVAILABLE = "The usage database is unavailable; try again shortly."
 
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     BaseORMException,
@@ -57,19 +79,61 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+@dataclass
+class _Health:
+    """What this process knows of the database, for ``/health`` and ``Retry-After``."""
+
+    error: str | None = None  # the last failure: of opening it, or of a request since (an outage)
+    next_attempt: float | None = None  # time.monotonic() of the next attempt to open it; None: not waiting
+    checked: float = 0.0  # time.monotonic() of the last probe after a request's failure
+
+
+_health = _Health()
+
+
+@dataclass(frozen=True)
+class DatabaseStatus:
+    available: bool
+    error: str | None  # why not (the exception's type and message)
+    next_attempt_seconds: float | None  # while it is not open yet: when the next attempt to open it runs
+
+
+def describe(exc: BaseException) -> str:
+    """``ExceptionType: message`` of the driver's error behind ``exc`` (which Tortoise may wrap)."""
+    cause = exc.__cause__ or exc.__context__ or exc
+    text = str(cause) or str(exc)
+    return f"{type(cause).__name__}: {text}"[:300] if text else type(cause).__name__
+
+
+def _not_open() -> DatabaseUnavailableError:
+    wait = None if _health.next_attempt is None else _health.next_attempt - time.monotonic()
+    # Retry-After: when the next attempt to open it runs (at least 1 s), else the usual 5 s.
+    if wait is None:
+        return DatabaseUnavailableError(UNAVAILABLE)
+    return DatabaseUnavailableError(UNAVAILABLE, retry_after=max(1, math.ceil(wait)))
+
+
 def translate_errors(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Turn a failing database into :class:`DatabaseUnavailableError` (503), never a crash or a bare 500."""
+    """Turn a failing database into :class:`DatabaseUnavailableError` (503), never a crash or a bare 500.
+
+    Also while the database is not open yet (the server starts without it): 503 at once.
+    """
 
     @functools.wraps(function)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if _transactions is None:
+            raise _not_open()
         try:
-            return await function(*args, **kwargs)
+            result = await function(*args, **kwargs)
         except DatabaseUnavailableError:
             raise
         except DATABASE_ERRORS as exc:
             if not is_outage(exc):
                 raise
-            raise DatabaseUnavailableError("The usage database is unavailable; try again shortly.") from exc
+            _health.error = describe(exc)
+            raise DatabaseUnavailableError(UNAVAILABLE) from exc
+        _health.error = None
+        return result
 
     return wrapper
 
@@ -160,34 +224,165 @@ async def migrate(url: str) -> None:
         await MigrationExecutor(client, APPS).migrate()
 
 
-@asynccontextmanager
-async def database(url: str) -> AsyncIterator[TortoiseContext]:
-    """Open the database for the app's lifetime and migrate its schema.
-
-    A SQLite file is created with mode 600: only the service user reads it.
-    """
+async def _open(url: str) -> TortoiseContext:
+    """Connect, migrate, and make the per-request transactions available; all or nothing."""
+    global _transactions
     sqlite_file = _sqlite_path(url)
     if sqlite_file is not None and not sqlite_file.exists():
         _create_private(sqlite_file)
     # Request handlers run in other tasks than the lifespan: the global fallback
     # lets them see this context (as Tortoise's own framework integrations do).
-    global _transactions
     ctx = await Tortoise.init(
         db_url=connection_url(url), modules={"models": [MODELS_MODULE]}, _enable_global_fallback=True
     )
     try:
+        # Tortoise connects lazily: connect now, within a bound (an unreachable host can hang for a minute).
+        async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+            await connections.get("default").execute_query("SELECT 1")
         await migrate(url)
-        _transactions = runner_for(connections.get("default"))
+        runner = runner_for(connections.get("default"))
+    except BaseException:
+        await Tortoise.close_connections()
+        raise
+    _transactions = runner
+    _health.error, _health.next_attempt = None, None
+    return ctx
+
+
+async def _close() -> None:
+    global _transactions
+    if _transactions is not None:
+        _transactions.close()
+        _transactions = None
+    await Tortoise.close_connections()
+
+
+def is_open() -> bool:
+    """Whether the database is open in this process (it may still fail a request: see ``database_status``)."""
+    return _transactions is not None
+
+
+@asynccontextmanager
+async def database(url: str) -> AsyncIterator[TortoiseContext]:
+    """Open the database and migrate its schema, or raise; closed on exit (``ai-platform migrate``, tests).
+
+    A SQLite file is created with mode 600: only the service user reads it.
+    """
+    ctx = await _open(url)
+    try:
         yield ctx
     finally:
-        if _transactions is not None:
-            _transactions.close()
-            _transactions = None
-        await Tortoise.close_connections()
+        await _close()
+
+
+@asynccontextmanager
+async def database_in_background(url: str, *, on_open: Callable[[], Awaitable[object]]) -> AsyncIterator[None]:
+    """The database for the app's lifetime, without making it a condition of serving.
+
+    The first attempt to open it runs before the app serves, so a normal start is
+    complete when the server listens. If it fails with an outage (the server is
+    down or not up yet, refused or timed out connections, a SQLite file that cannot
+    be created or opened), the app starts anyway and further attempts run in the
+    background, 1, 2, 4 … 30 s apart (±10%), each failure logged as a warning with
+    its cause and the wait before the next. Until one succeeds, every call that
+    needs the database answers 503 with ``Retry-After`` (``translate_errors``) and
+    ``/health`` reports it. A malformed URL or an error that is not an outage (e.g.
+    a failing migration) stops startup, as retrying cannot fix it.
+
+    ``on_open`` runs once the database is open (crash recovery); it failing with an
+    outage is logged and left to the reservation sweep.
+    """
+    expand_db_url(url)  # a malformed URL stops startup now rather than being retried forever
+    retrying: asyncio.Task[None] | None = None
+    try:
+        try:
+            await _open(url)
+        except DATABASE_ERRORS as exc:
+            if not is_outage(exc):
+                raise
+            delay = _jittered(RETRY_FIRST_SECONDS)
+            _failed(exc, attempt=1, delay=delay)
+            retrying = asyncio.create_task(_keep_trying(url, on_open, delay), name="usage-database-open")
+        else:
+            await _opened(on_open)
+        yield
+    finally:
+        if retrying is not None:
+            retrying.cancel()
+            await asyncio.gather(retrying, return_exceptions=True)
+        _health.next_attempt = None
+        await _close()
+
+
+def _jittered(seconds: float) -> float:
+    # Workers and servers started together spread their attempts instead of arriving at once.
+    return seconds * random.uniform(0.9, 1.1)
+
+
+def _failed(exc: BaseException, *, attempt: int, delay: float) -> None:
+    _health.error = describe(exc)
+    _health.next_attempt = time.monotonic() + delay
+    log.warning(
+        "usage database unavailable (attempt %d): %s; next attempt in %.1f s; meanwhile requests that need it get 503",
+        attempt,
+        _health.error,
+        delay,
+        exc_info=None if is_outage(exc) else exc,  # not an outage: probably a bug, so the traceback too
+    )
+
+
+async def _keep_trying(url: str, on_open: Callable[[], Awaitable[object]], delay: float) -> None:
+    attempt, wait = 1, RETRY_FIRST_SECONDS
+    while True:
+        await asyncio.sleep(delay)
+        attempt += 1
+        try:
+            await _open(url)
+        except Exception as exc:  # serving already: nothing better to do than to report it and try again
+            wait = min(wait * 2, RETRY_MAX_SECONDS)
+            delay = _jittered(wait)
+            _failed(exc, attempt=attempt, delay=delay)
+            continue
+        log.info("usage database open after %d attempts", attempt)
+        try:
+            await _opened(on_open)
+        except Exception:
+            log.exception("after opening the usage database")
+        return
+
+
+async def _opened(on_open: Callable[[], Awaitable[object]]) -> None:
+    try:
+        await on_open()
+    except DatabaseUnavailableError as exc:
+        log.warning("after opening the usage database: %s; the reservation sweep will catch up", describe(exc))
+
+
+async def database_status() -> DatabaseStatus:
+    """This process's view of the database, for ``/health``.
+
+    While it is open and no request has found it failing, nothing is queried. After
+    a request's outage, it is probed (``SELECT 1``, 2 s at most), at most every
+    ``PROBE_SECONDS``, so the status comes back by itself when the database does.
+    """
+    now = time.monotonic()
+    if _transactions is None:
+        wait = None if _health.next_attempt is None else max(_health.next_attempt - now, 0.0)
+        return DatabaseStatus(False, _health.error or "not open", None if wait is None else round(wait, 1))
+    if _health.error is not None and now - _health.checked >= PROBE_SECONDS:
+        _health.checked = now
+        try:
+            async with asyncio.timeout(2):
+                await connections.get("default").execute_query("SELECT 1")
+        except DATABASE_ERRORS as exc:
+            _health.error = describe(exc)
+        else:
+            _health.error = None
+    return DatabaseStatus(_health.error is None, _health.error, None)
 
 
 def transactions() -> Runner:
     """Where the per-request transactions (``ai_platform.usage.statements``) run while the database is open."""
     if _transactions is None:
-        raise DatabaseUnavailableError("The usage database is not open.")
+        raise _not_open()
     return _transactions
