@@ -150,6 +150,7 @@ def create_app(
             max_queue=settings.max_queue_per_model,
             max_batch=settings.max_batch_per_model,
             prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
+            isolation=settings.model_isolation,
         )
     return Litestar(
         plugins=[PlatformPlugin(settings, plugins, engine)],

@@ -127,7 +127,9 @@ async def test_concurrent_engine_calls_share_steps_and_match_unbatched(
 ) -> None:
     models = tmp_path
     (models / "tiny").symlink_to(tiny_model_dir, target_is_directory=True)
-    engine = InferenceEngine(models, {"summarize": "tiny"}, execution_provider="cpu", intra_op_threads=1)
+    engine = InferenceEngine(
+        models, {"summarize": "tiny"}, execution_provider="cpu", intra_op_threads=1, isolation="thread"
+    )
     await engine.start()
     sizes: list[int] = []
     step = ContinuousBatch.step

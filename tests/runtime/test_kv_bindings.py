@@ -110,7 +110,9 @@ def test_buffers_that_move_while_layer_0_keeps_its_address_are_bound_again(
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["no-prefix-cache", "prefix-cache"])
-def test_grow_idle_grow_cycles_decode_exactly_and_bind_live_memory(tiny_genai_model: LanguageModel, cached: bool) -> None:
+def test_grow_idle_grow_cycles_decode_exactly_and_bind_live_memory(
+    tiny_genai_model: LanguageModel, cached: bool
+) -> None:
     """80 rounds of batches that empty and grow again, to different sizes and lengths (the real allocator)."""
     model = tiny_genai_model
     texts = [f"Summarize item {i}: " + "words and more words " * (i % 7) for i in range(9)]

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from ai_platform.errors import ConfigurationError, ModelUnavailableError
 from ai_platform.operations import Choice, Choose, Completion, Generate
-from ai_platform.runtime.kv_batch import new_batch
-from ai_platform.runtime.model import LanguageModel
+from ai_platform.runtime.model_process import ModelProcess
 from ai_platform.runtime.onnx_model import EXECUTION_PROVIDERS
 from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES
-from ai_platform.runtime.scheduler import ContinuousBatch
-from ai_platform.runtime.worker import ModelWorker
+from ai_platform.runtime.served_model import InProcessModel, ModelOptions, ServedModel
+
+MODEL_ISOLATIONS = ("process", "thread")
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +39,20 @@ class ModelStatus:
 class _Slot:
     """One distinct model (by real path), shared by every operation that maps to it."""
 
-    model: LanguageModel | None = None
-    worker: ModelWorker | None = None
+    model: ServedModel | None = None
     error: str | None = "not loaded yet"
 
 
 class InferenceEngine:
     """Serves :class:`Generate` and :class:`Choose` calls on each operation's local ONNX model.
 
-    Every distinct model folder is loaded once and gets its own worker thread,
-    where concurrent generations share decode steps (up to ``max_batch`` sequences);
-    a model that fails to load is reported by :meth:`status` and makes its
-    operations raise :class:`ModelUnavailableError`, while others keep working.
+    Every distinct model folder is loaded once; concurrent generations on it share decode
+    steps (up to ``max_batch`` sequences). With ``isolation="process"`` (the default) each
+    model runs in a supervised child process that is restarted if it crashes; with
+    ``"thread"`` it runs on a thread of this process (tests that patch the runtime, and
+    benchmarks of the process boundary's cost). A model that fails to load is reported by
+    :meth:`status` and makes its operations raise :class:`ModelUnavailableError`, while
+    others keep working.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class InferenceEngine:
         intra_op_threads: int | None = None,
         max_batch: int = 16,
         prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
+        isolation: str = "process",
     ) -> None:
         if execution_provider not in EXECUTION_PROVIDERS:
             choices = ", ".join(EXECUTION_PROVIDERS)
@@ -73,18 +76,17 @@ class InferenceEngine:
             raise ConfigurationError(f"max_batch must be at least 1, not {max_batch}")
         if intra_op_threads is not None and intra_op_threads < 1:
             raise ConfigurationError(f"intra_op_threads must be at least 1, not {intra_op_threads}")
+        if isolation not in MODEL_ISOLATIONS:
+            raise ConfigurationError(f"isolation must be one of {', '.join(MODEL_ISOLATIONS)}, not {isolation!r}")
         self._models_dir = models_dir
         self._operation_models = dict(operation_models)
-        self._execution_provider = execution_provider
-        self._max_queue = max_queue
-        self._intra_op_threads = intra_op_threads
-        self._max_batch = max_batch
-        self._prefix_cache_bytes = prefix_cache_bytes
+        self._options = ModelOptions(execution_provider, intra_op_threads, prefix_cache_bytes, max_queue, max_batch)
+        self._isolation = isolation
         self._slots = {operation: _Slot() for operation in self._operation_models}
         self._started = False
 
     async def start(self) -> None:
-        """Load every distinct model once, in a worker thread; failures are recorded, not raised."""
+        """Load every distinct model once; failures are recorded, not raised."""
         if self._started:
             raise RuntimeError("InferenceEngine.start() was already called")
         self._started = True
@@ -98,51 +100,51 @@ class InferenceEngine:
             self._slots[operation] = by_real_path[real_path]
 
     async def _load(self, folder: str, path: Path) -> _Slot:
+        started = time.perf_counter()
+        model: ServedModel | None = None
         if not path.is_dir():
-            error = "model folder not found"
+            error: str | None = "model folder not found"
+        elif self._isolation == "process":
+            process = ModelProcess(folder, path, self._options)
+            await process.start()
+            model, error = (process, None) if process.loaded else (None, process.error)
         else:
-            started = time.perf_counter()
             try:
-                model = await asyncio.to_thread(
-                    LanguageModel.load,
-                    path,
-                    execution_provider=self._execution_provider,
-                    intra_op_threads=self._intra_op_threads,
-                    prefix_cache_bytes=self._prefix_cache_bytes,
-                )
+                model = await asyncio.to_thread(InProcessModel.load, folder, path, self._options)
+                error = None
             except Exception as exc:
                 error = f"failed to load: {type(exc).__name__}: {exc}"
-            else:
-                seconds = time.perf_counter() - started
-                logger.info("loaded model %s from %s on %s in %.1f s", folder, path, model.provider, seconds)
-                batch = ContinuousBatch(new_batch(model.decoder, model.prefix_cache), self._max_batch)
-                return _Slot(model=model, worker=ModelWorker(folder, self._max_queue, batch), error=None)
-        logger.error("model %s at %s is not available: %s", folder, path, error)
-        return _Slot(error=error)
+        if model is None:
+            logger.error("model %s at %s is not available: %s", folder, path, error)
+            return _Slot(error=error)
+        seconds = time.perf_counter() - started
+        where = "its own process" if self._isolation == "process" else "this process"
+        logger.info("loaded model %s from %s on %s in %.1f s, in %s", folder, path, model.provider, seconds, where)
+        return _Slot(model=model, error=None)
 
     async def close(self) -> None:
-        """Stop the worker threads (waiting calls fail, running ones stop) and release the sessions."""
-        closed = _Slot(error="engine closed")
-        workers = {id(slot.worker): slot.worker for slot in self._slots.values() if slot.worker is not None}
-        self._slots = {operation: closed for operation in self._slots}
-        for worker in workers.values():
-            await worker.close()
+        """Stop the models (waiting calls fail, running ones stop) and release them."""
+        models = {id(slot.model): slot.model for slot in self._slots.values() if slot.model is not None}
+        self._slots = {operation: _Slot(error="engine closed") for operation in self._slots}
+        for model in models.values():
+            await model.close()
 
     def status(self) -> list[ModelStatus]:
         """One entry per operation in the map."""
         statuses = []
         for operation, folder in self._operation_models.items():
             slot = self._slots[operation]
+            model = slot.model
             statuses.append(
                 ModelStatus(
                     operation=operation,
                     model=folder,
                     path=str(self._models_dir / folder),
-                    loaded=slot.model is not None,
-                    provider=slot.model.provider if slot.model is not None else None,
-                    error=slot.error,
-                    queue_depth=slot.worker.queue_depth if slot.worker is not None else 0,
-                    reused_prompt_tokens=slot.model.prefix_cache.reused_tokens if slot.model is not None else 0,
+                    loaded=model is not None and model.loaded,
+                    provider=model.provider if model is not None else None,
+                    error=model.error if model is not None else slot.error,
+                    queue_depth=model.queue_depth if model is not None else 0,
+                    reused_prompt_tokens=model.reused_prompt_tokens if model is not None else 0,
                 )
             )
         return statuses
@@ -151,29 +153,26 @@ class InferenceEngine:
         """The model folder name serving ``operation`` (``KeyError`` if it has none)."""
         return self._operation_models[operation]
 
-    def _loaded(self, operation: str) -> tuple[LanguageModel, ModelWorker]:
+    def _loaded(self, operation: str) -> ServedModel:
         slot = self._slots.get(operation)
         if slot is None:
             raise ModelUnavailableError(f"No model is configured for operation '{operation}'.")
-        if slot.model is None or slot.worker is None:
+        if slot.model is None:
             model = self._operation_models[operation]
             raise ModelUnavailableError(f"Model '{model}' for operation '{operation}' is not loaded ({slot.error}).")
-        return slot.model, slot.worker
+        return slot.model
 
     async def generate(self, operation: str, call: Generate, *, max_output_tokens: int) -> Completion:
         """Greedy completion of ``call.messages``; ``call.max_output_tokens`` may only lower the limit."""
-        model, worker = self._loaded(operation)
+        model = self._loaded(operation)
         if call.max_output_tokens is not None:
             max_output_tokens = min(max_output_tokens, call.max_output_tokens)
-        prompt = await asyncio.to_thread(model.encode_prompt, call.messages)
-        generated = await worker.generate(prompt, model.budget(prompt, max_output_tokens), model.eos_ids)
-        return model.completion(generated)
+        return await model.generate(call.messages, max_output_tokens)
 
     async def choose(self, operation: str, call: Choose) -> Choice:
         """Probabilities of ``call.options`` as the model's complete answer to ``call.messages``."""
-        model, worker = self._loaded(operation)
+        model = self._loaded(operation)
         options = list(dict.fromkeys(call.options))  # duplicates would collapse in the scores dict
         if not options:
             raise ValueError("Choose needs at least one option")
-        prompt, answers = await asyncio.to_thread(model.encode_choice, call.messages, options)
-        return await worker.run(lambda should_stop: model.choose(prompt, answers, options, should_stop))
+        return await model.choose(call.messages, options)

@@ -1,0 +1,126 @@
+"""One loaded model as the engine serves it: chat messages in, completions and choices out.
+
+:class:`InProcessModel` runs the model in the server's own process, its forward passes on
+a thread of its own; :class:`~ai_platform.runtime.model_process.ModelProcess` runs the
+same thing in a supervised child process (the default, ``MODEL_ISOLATION=process``), so
+a native crash in onnxruntime costs that model's requests in flight, not the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ai_platform.operations import Choice, Completion, Message
+from ai_platform.runtime.kv_batch import new_batch
+from ai_platform.runtime.model import LanguageModel
+from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES
+from ai_platform.runtime.scheduler import ContinuousBatch
+from ai_platform.runtime.worker import ModelWorker
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a model folder is loaded and scheduled (the same for every model of an engine)."""
+
+    execution_provider: str = "auto"
+    intra_op_threads: int | None = None
+    prefix_cache_bytes: int = DEFAULT_MAX_BYTES
+    max_queue: int = 32
+    max_batch: int = 16
+
+
+class ServedModel(Protocol):
+    """What the engine needs from a loaded model, wherever it runs."""
+
+    @property
+    def loaded(self) -> bool:
+        """True while calls can be served (false while a crashed model process restarts)."""
+        ...
+
+    @property
+    def error(self) -> str | None:
+        """Why it is not loaded now."""
+        ...
+
+    @property
+    def provider(self) -> str | None: ...
+
+    @property
+    def queue_depth(self) -> int:
+        """Calls waiting or running on this model."""
+        ...
+
+    @property
+    def reused_prompt_tokens(self) -> int:
+        """Prompt positions taken from the prefix cache instead of computed."""
+        ...
+
+    async def generate(self, messages: Sequence[Message], max_output_tokens: int) -> Completion:
+        """Greedy completion of ``messages`` with at most ``max_output_tokens`` new tokens."""
+        ...
+
+    async def choose(self, messages: Sequence[Message], options: Sequence[str]) -> Choice:
+        """Probabilities of ``options`` (distinct) as the model's complete answer to ``messages``."""
+        ...
+
+    async def close(self) -> None:
+        """Fail waiting calls, stop running ones and release the model."""
+        ...
+
+
+class InProcessModel:
+    """A model in this process: tokenisation on worker threads, model work on the model's own thread."""
+
+    def __init__(self, name: str, model: LanguageModel, options: ModelOptions) -> None:
+        self.model = model
+        batch = ContinuousBatch(new_batch(model.decoder, model.prefix_cache), options.max_batch)
+        self._worker = ModelWorker(name, options.max_queue, batch)
+
+    @classmethod
+    def load(cls, name: str, folder: Path, options: ModelOptions) -> InProcessModel:
+        """Load ``folder`` (blocking; raises what :meth:`LanguageModel.load` raises)."""
+        model = LanguageModel.load(
+            folder,
+            execution_provider=options.execution_provider,
+            intra_op_threads=options.intra_op_threads,
+            prefix_cache_bytes=options.prefix_cache_bytes,
+        )
+        return cls(name, model, options)
+
+    @property
+    def loaded(self) -> bool:
+        return True
+
+    @property
+    def error(self) -> str | None:
+        return None
+
+    @property
+    def provider(self) -> str | None:
+        return self.model.provider
+
+    @property
+    def queue_depth(self) -> int:
+        return self._worker.queue_depth
+
+    @property
+    def reused_prompt_tokens(self) -> int:
+        return self.model.prefix_cache.reused_tokens
+
+    async def generate(self, messages: Sequence[Message], max_output_tokens: int) -> Completion:
+        model = self.model
+        prompt = await asyncio.to_thread(model.encode_prompt, messages)
+        generated = await self._worker.generate(prompt, model.budget(prompt, max_output_tokens), model.eos_ids)
+        return model.completion(generated)
+
+    async def choose(self, messages: Sequence[Message], options: Sequence[str]) -> Choice:
+        model = self.model
+        prompt, answers = await asyncio.to_thread(model.encode_choice, messages, options)
+        return await self._worker.run(lambda should_stop: model.choose(prompt, answers, options, should_stop))
+
+    async def close(self) -> None:
+        await self._worker.close()

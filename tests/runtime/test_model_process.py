@@ -1,0 +1,160 @@
+"""Models in supervised child processes: the same answers, and a native crash is survived (issue 10)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from ai_platform.errors import ModelUnavailableError, OverloadedError, RequestValidationError
+from ai_platform.operations import Message
+from ai_platform.runtime.generation import greedy_generate
+from ai_platform.runtime.model import LanguageModel
+from ai_platform.runtime.model_process import ModelProcess, _decode_error, _encode_error, describe_exit
+from ai_platform.runtime.served_model import ModelOptions
+
+pytestmark = pytest.mark.anyio
+
+OPTIONS = ModelOptions(execution_provider="cpu", intra_op_threads=1, max_queue=64, max_batch=8)
+LONG = 1500  # new tokens: long enough that the tiny model is still decoding when it is killed
+
+
+def messages(topic: str) -> list[Message]:
+    return [Message("user", f"Summarize: {topic}.")]
+
+
+def reference(model: LanguageModel, topic: str, limit: int) -> str:
+    prompt = model.encode_prompt(messages(topic))
+    generated = greedy_generate(
+        model.decoder, prompt, max_new_tokens=model.budget(prompt, limit), eos_ids=model.eos_ids
+    )
+    return model.completion(generated).text
+
+
+@pytest.fixture
+async def process(tiny_model_dir: Path) -> AsyncIterator[ModelProcess]:
+    served = ModelProcess("tiny", tiny_model_dir, OPTIONS)
+    await served.start()
+    assert served.loaded, served.error
+    yield served
+    await served.close()
+
+
+async def wait_for(condition: object, seconds: float = 30) -> None:
+    with anyio.fail_after(seconds):
+        while not condition():  # type: ignore[operator]
+            await anyio.sleep(0.02)
+
+
+async def test_answers_equal_the_in_process_model(process: ModelProcess, tiny_model: LanguageModel) -> None:
+    assert process.provider == "CPUExecutionProvider" and process.pid not in (None, os.getpid())
+    completion = await process.generate(messages("the fox"), 20)
+    assert completion.text == reference(tiny_model, "the fox", 20)
+    options = ["billing", "technical support", "sales"]
+    prompt, answers = tiny_model.encode_choice(messages("the fox"), options)
+    choice = await process.choose(messages("the fox"), options)
+    expected = tiny_model.choose(prompt, answers, options, lambda: False)
+    assert choice.best == expected.best and choice.output_tokens == expected.output_tokens
+    assert choice.scores == pytest.approx(
+        expected.scores, rel=1e-4, abs=1e-9
+    )  # prefix-cache reuse shifts the last bits
+    assert process.queue_depth == 0
+
+
+async def test_client_errors_cross_the_process_boundary_as_themselves(process: ModelProcess) -> None:
+    with pytest.raises(RequestValidationError) as raised:
+        await process.generate(messages("word " * 3000), 10)
+    [error] = raised.value.errors
+    assert error["type"] == "string_too_long" and "context window" in str(error["msg"])
+    assert process.loaded  # a client's error is not a crash
+    overloaded = _decode_error(_encode_error(OverloadedError("busy", retry_after=3)))
+    assert isinstance(overloaded, OverloadedError) and (overloaded.detail, overloaded.retry_after) == ("busy", 3)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL, signal.SIGABRT], ids=lambda s: s.name)
+async def test_a_killed_model_process_fails_its_calls_503_and_comes_back(
+    process: ModelProcess, tiny_model: LanguageModel, sig: signal.Signals
+) -> None:
+    outcomes: list[BaseException | str] = []
+
+    async def call(topic: str) -> None:
+        try:
+            outcomes.append((await process.generate(messages(topic), LONG)).text)
+        except ModelUnavailableError as exc:
+            outcomes.append(exc)
+
+    victim = process.pid
+    assert victim is not None
+    async with anyio.create_task_group() as tg:
+        for index in range(4):
+            tg.start_soon(call, f"topic {index}")
+        await wait_for(lambda: process.queue_depth == 4)
+        await anyio.sleep(0.2)  # decoding
+        os.kill(victim, sig)
+    assert len(outcomes) == 4 and all(isinstance(o, ModelUnavailableError) for o in outcomes), outcomes
+    error = outcomes[0]
+    assert isinstance(error, ModelUnavailableError)
+    assert error.status_code == 503 and int(error.headers["Retry-After"]) >= 1
+    assert f"killed by {sig.name}" in error.detail
+    assert not process.loaded and process.queue_depth == 0
+    assert process.error is not None and f"killed by {sig.name}" in process.error
+    with pytest.raises(ModelUnavailableError, match="is not loaded"):
+        await process.generate(messages("meanwhile"), 5)
+
+    await wait_for(lambda: process.loaded)  # restarted by itself after the back-off
+    assert process.restarts == 1 and process.pid not in (None, victim)
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+    completion = await process.generate(messages("after"), 16)
+    assert completion.text == reference(tiny_model, "after", 16)
+
+
+async def test_a_cancelled_call_stops_in_the_child(process: ModelProcess, tiny_model: LanguageModel) -> None:
+    with anyio.move_on_after(0.3):
+        await process.generate(messages("cancel me"), LONG)
+    assert process.queue_depth == 0
+    # The child drops the sequence at its next step: a short call right after is not stuck behind it.
+    with anyio.fail_after(5):
+        completion = await process.generate(messages("next"), 8)
+    assert completion.text == reference(tiny_model, "next", 8)
+
+
+async def test_close_stops_the_child_and_fails_calls(tiny_model_dir: Path) -> None:
+    served = ModelProcess("tiny", tiny_model_dir, OPTIONS)
+    await served.start()
+    pid = served.pid
+    assert pid is not None
+    outcome: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            await served.generate(messages("closing"), LONG)
+        except ModelUnavailableError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await wait_for(lambda: served.queue_depth == 1)
+        await served.close()
+    assert [str(e) for e in outcome] == ["Model 'tiny' is shutting down."]
+    assert not served.loaded and served.error == "engine closed" and served.pid is None
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_a_folder_that_fails_to_load_reports_why(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    served = ModelProcess("broken", tmp_path, OPTIONS)
+    await served.start()
+    assert not served.loaded and served.pid is None
+    assert served.error is not None and served.error.startswith("failed to load: ")
+    await served.close()
+
+
+def test_exit_descriptions() -> None:
+    assert describe_exit(-11) == "killed by SIGSEGV"
+    assert describe_exit(1) == "exited with code 1"
+    assert describe_exit(None) == "stopped responding"
