@@ -1,11 +1,14 @@
 """End to end on real ONNX models: the tiny random Qwen2 (fast) and the SmolLM2 demo model (slower).
 
-Tiny-model text is meaningless, so these tests check structure and invariants;
-the demo-model tests check that real text comes back.
+Tiny-model text is meaningless, so these tests check structure and invariants; the
+demo-model tests check that what is served is exactly what one unbatched greedy decode of
+the same prompt gives in this process (greedy decoding is deterministic), alone, after the
+model went idle, and batched with other requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -14,13 +17,18 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
 from ai_platform.app import create_app
+from ai_platform.operations import Choice, Completion, Generate, ResponseMeta
+from ai_platform.plugins import load_plugins
 from ai_platform.settings import Settings
 from support import ADMIN, CLASSIFY, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, assert_meta, free_port
+from test_disconnect import live_server, queue_depth
 
 REQUESTS = {"summarize": SUMMARIZE, "translate": TRANSLATE, "classify": CLASSIFY}
 
@@ -164,12 +172,131 @@ def test_cli_serves_over_http_without_torch(tiny_env: dict[str, str], tmp_path: 
         assert server.wait(timeout=30) in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
 
 
+@pytest.fixture(scope="module")
+def demo_reference(demo_model_dir: Path) -> Any:
+    """The demo model loaded in this process, to compute what the server must answer."""
+    from ai_platform.runtime.model import LanguageModel
+
+    return LanguageModel.load(demo_model_dir, execution_provider="cpu", intra_op_threads=None)
+
+
+def expected_body(model: Any, operation: str, request: dict[str, object]) -> tuple[dict[str, Any], Completion | Choice]:
+    """The response (without ``meta``) the operation gives for one unbatched greedy decode, computed here."""
+    from ai_platform.runtime.generation import greedy_generate
+
+    plugins = load_plugins(enabled=list(REQUESTS))
+    spec = plugins.operations[operation]
+    parsed = msgspec.convert(request, spec.request_type)
+    call = plugins.build_model_call(spec, parsed)
+    result: Completion | Choice
+    if isinstance(call, Generate):
+        limit = min(call.max_output_tokens or spec.limits.max_output_tokens, spec.limits.max_output_tokens)
+        prompt = model.encode_prompt(call.messages)
+        budget = model.budget(prompt, limit)
+        result = model.completion(greedy_generate(model.decoder, prompt, max_new_tokens=budget, eos_ids=model.eos_ids))
+    else:
+        options = list(dict.fromkeys(call.options))
+        prompt, answers = model.encode_choice(call.messages, options)
+        result = model.choose(prompt, answers, options, lambda: False)
+    meta = ResponseMeta(
+        operation=operation, model_used="-", input_chars=0, output_tokens=result.output_tokens,
+        execution_time_ms=0.0, request_id=None, timestamp="-",
+    )  # fmt: skip
+    body = msgspec.to_builtins(plugins.build_response(spec, parsed, result, meta))
+    del body["meta"]
+    return body, result
+
+
+def assert_served_as_expected(model: Any, operation: str, request: dict[str, object], served: dict[str, Any]) -> None:
+    expected, result = expected_body(model, operation, request)
+    served = dict(served)
+    meta = served.pop("meta")
+    assert meta["output_tokens"] == result.output_tokens, (operation, request)
+    if isinstance(result, Choice):  # probabilities: equal up to float rounding
+        assert served["label"] == expected["label"]
+        assert served["scores"] == pytest.approx(expected["scores"], rel=1e-4, abs=1e-6)
+        assert served["confidence"] == pytest.approx(expected["confidence"], rel=1e-4)
+    else:
+        assert served == expected, (operation, request)
+
+
 @pytest.mark.demo_model
 @pytest.mark.anyio
-async def test_demo_model_serves_every_operation(env: dict[str, str], demo_model_dir: Path) -> None:
+async def test_demo_model_serves_every_operation(
+    env: dict[str, str], demo_model_dir: Path, demo_reference: Any
+) -> None:
     seed_layout(Path(env["MODELS_DIR"]), demo_model_dir)
     async with AsyncTestClient(create_app(Settings.from_mapping(env))) as client:
         bodies = await check_all_operations(client)
     summary = str(bodies["summarize"]["summary"])
     assert summary and summary.count(" ") >= 3, summary  # real words, not an empty or one-token answer
-    assert bodies["translate"]["translated_text"]
+    for operation, request in REQUESTS.items():
+        assert_served_as_expected(demo_reference, operation, request, bodies[operation])
+
+
+def _translate(text: str, source: str, target: str) -> dict[str, object]:
+    return {"text": text, "source_language": source, "target_language": target}
+
+
+# Distinct texts, each with a short answer from the demo model (a repeated prompt would meet its own
+# KV in the prefix cache: see tests/runtime/test_demo_model.py).
+ALONE = ("translate", _translate("The weather in spring is mild and pleasant.", "en", "fr"))
+AFTER_IDLE = ("summarize", {"text": "The city council voted on Tuesday to expand the bike lane network. Construction "
+              "begins in May and will take two years. Residents have mixed feelings about the loss of parking.",
+              "max_sentences": 1})  # fmt: skip
+BATCHED = [
+    ("translate", _translate("The meeting is moved to Thursday morning.", "en", "fr")),
+    ("translate", _translate("Le chat dort sur le canapé depuis ce matin.", "fr", "en")),
+    (
+        "summarize",
+        {
+            "text": "Our support team answered 1,200 tickets last month. Most were about password resets. "
+            "The new self-service page should cut that number in half.",
+            "max_sentences": 2,
+        },
+    ),
+    (
+        "classify",
+        {
+            "text": "I was charged twice for my subscription this month.",
+            "categories": ["billing", "technical_support", "sales"],
+        },
+    ),
+]
+IDLE_AGAIN = ("translate", _translate("The library opens at nine every morning.", "en", "fr"))
+
+
+@pytest.mark.demo_model
+@pytest.mark.anyio
+async def test_demo_model_answers_alone_after_idle_and_batched_exactly_as_the_reference(
+    env: dict[str, str], demo_model_dir: Path, demo_reference: Any
+) -> None:
+    seed_layout(Path(env["MODELS_DIR"]), demo_model_dir)
+    served: list[tuple[str, dict[str, object], dict[str, Any]]] = []
+    depths: list[int] = []
+
+    # A real server: Litestar's AsyncTestClient would run the "concurrent" requests one after another.
+    async with live_server(create_app(Settings.from_mapping(env))) as (_, client):
+
+        async def post(operation: str, request: dict[str, object]) -> None:
+            r = await client.post(f"/operations/{operation}", json=request, headers=KEY)
+            assert r.status_code == 200, r.text
+            served.append((operation, request, r.json()))
+
+        async def watch_queue() -> None:
+            while True:
+                depths.append(await queue_depth(client, "translate"))  # all operations share the one model
+
+        await post(*ALONE)
+        await post(*AFTER_IDLE)  # the batch was empty: it grows again from nothing
+        watcher = asyncio.ensure_future(watch_queue())
+        try:
+            await asyncio.gather(*(post(*call) for call in BATCHED))
+        finally:
+            watcher.cancel()
+        assert max(depths) > 1, "the requests never were in the model together"
+        assert await queue_depth(client, "translate") == 0
+        await post(*IDLE_AGAIN)
+    assert len(served) == 2 + len(BATCHED) + 1
+    for operation, request, body in served:
+        assert_served_as_expected(demo_reference, operation, request, body)

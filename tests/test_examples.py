@@ -9,6 +9,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from ai_platform.app import create_app
+from ai_platform.operations import Choice, Choose
 from ai_platform.plugins import ENTRY_POINT_GROUP
 from ai_platform.settings import Settings
 from support import ADMIN, KEY
@@ -22,7 +23,19 @@ def test_examples_are_installed_distributions() -> None:
     assert found["redact"] == "ai-platform-redact"
 
 
-async def test_sentiment_end_to_end_on_the_tiny_model(env: dict[str, str], tiny_model_dir: Path) -> None:
+async def test_sentiment_end_to_end_on_the_tiny_model(
+    env: dict[str, str], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ai_platform.runtime.engine import InferenceEngine
+
+    reached: list[tuple[str, Choose]] = []  # what the engine was asked (the model's input)
+    choose = InferenceEngine.choose
+
+    async def recording_choose(self: InferenceEngine, operation: str, call: Choose) -> Choice:
+        reached.append((operation, call))
+        return await choose(self, operation, call)
+
+    monkeypatch.setattr(InferenceEngine, "choose", recording_choose)
     settings = Settings.from_mapping(
         {
             **env,
@@ -33,8 +46,15 @@ async def test_sentiment_end_to_end_on_the_tiny_model(env: dict[str, str], tiny_
         }
     )
     async with AsyncTestClient(create_app(settings)) as client:
-        r = await client.post("/operations/sentiment", json={"text": "Mail me at a@b.org, I love it!"}, headers=KEY)
+        text = "Mail me at jane.doe@b.org or call +1 (555) 123-4567, I love it!"
+        r = await client.post("/operations/sentiment", json={"text": text}, headers=KEY)
         assert r.status_code == 200, r.text
+        [(operation, call)] = reached
+        assert operation == "sentiment"
+        prompt = "\n".join(m.content for m in call.messages)
+        # The redact plugin masked the text before it reached the model.
+        assert "jane.doe@b.org" not in prompt and "b.org" not in prompt and "555" not in prompt and "4567" not in prompt
+        assert "Mail me at [email] or call [phone], I love it!" in prompt
         body = r.json()
         assert body["sentiment"] in {"positive", "negative", "neutral"}
         assert sum(body["scores"].values()) == pytest.approx(1.0)

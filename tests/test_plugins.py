@@ -18,12 +18,13 @@ from litestar.testing import AsyncTestClient
 from ai_platform import Limits, Message, hookimpl
 from ai_platform.app import create_app
 from ai_platform.errors import ConfigurationError, PluginError
-from ai_platform.plugins import ENTRY_POINT_GROUP, load_plugins
+from ai_platform.plugins import ENTRY_POINT_GROUP, load_plugins, new_plugin_manager
 from ai_platform.settings import Settings
 from ai_platform.testing import ADMIN_HEADERS, CLIENT_HEADERS, FakeEngine
 from support import CLIENT_KEY
 
 BUILT_INS = {"summarize", "translate", "classify"}
+HOOKS = sorted(new_plugin_manager().hook.__dict__)  # every hookspec the core declares
 
 
 def plugin(name: str, *operations: object) -> tuple[str, object]:
@@ -303,3 +304,45 @@ def test_duplicate_plugin_name_leaves_the_first_one_working() -> None:
     assert [(p.status, p.operations) for p in reports] == [("loaded", ["summarize"]), ("failed", [])]
     assert reports[1].error == "another plugin is already registered under this name"
     assert "summarize" in loaded.operations and "impostor" not in loaded.operations
+
+
+def spy_plugin(calls: list[tuple[str, dict[str, object]]]) -> types.ModuleType:
+    """A plugin implementing every hookspec with a spy that takes all of the hook's arguments and changes nothing."""
+    module = types.ModuleType("spy")
+    manager = new_plugin_manager()
+    for name in HOOKS:
+        spec = getattr(manager.hook, name).spec
+        # Nothing to add: None lets a firstresult hook fall through to the core's own implementation.
+        result = "None" if spec.opts["firstresult"] else "[]"
+        namespace: dict[str, object] = {"calls": calls}
+        exec(  # a function with exactly the spec's argument names (pluggy passes arguments by name)
+            f"def {name}({', '.join(spec.argnames)}):\n    calls.append(({name!r}, dict(locals())))\n    return {result}\n",
+            namespace,
+        )
+        setattr(module, name, hookimpl(namespace[name]))
+    return module
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hook", HOOKS)
+async def test_every_hookspec_is_called_by_the_core_with_all_its_arguments(platform_client: Any, hook: str) -> None:
+    """A hookspec that the core never calls (or calls without an argument it declares) fails here."""
+    import ai_platform_classify
+    import ai_platform_summarize
+
+    calls: list[tuple[str, dict[str, object]]] = []
+    plugins = (("summarize", ai_platform_summarize), ("classify", ai_platform_classify), ("spy", spy_plugin(calls)))
+    async with platform_client(*plugins) as client:
+        r = await client.post("/operations/summarize", json={"text": "One. Two."}, headers=CLIENT_HEADERS)
+        assert r.status_code == 200, r.text
+        body = {"text": "the router is down", "categories": ["billing", "router"]}
+        r = await client.post("/operations/classify", json=body, headers=CLIENT_HEADERS)
+        assert r.status_code == 200, r.text
+        plugins_report = {p["name"]: p for p in (await client.get("/plugins", headers=ADMIN_HEADERS)).json()["plugins"]}
+    assert plugins_report["spy"]["status"] == "loaded" and plugins_report["spy"]["hooks"] == HOOKS
+    seen = [arguments for name, arguments in calls if name == hook]
+    assert seen, f"the core never called the hook {hook!r}"
+    argnames = getattr(new_plugin_manager().hook, hook).spec.argnames
+    for arguments in seen:
+        assert list(arguments) == list(argnames)
+        assert all(value is not None for value in arguments.values()), arguments

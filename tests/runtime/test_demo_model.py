@@ -1,25 +1,148 @@
-"""The runtime on the real demo model, against the reference the export tool recorded from torch."""
+"""The runtime on the real demo model: against the reference the export tool recorded from torch, and
+served generations against an unbatched greedy decode of the same prompt in this process."""
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Generator, Sequence
 from pathlib import Path
 
+import anyio
+import numpy as np
 import pytest
 
-from ai_platform.operations import Message
-from ai_platform.runtime.generation import greedy_generate
+from ai_platform.operations import Completion, Generate, Message
+from ai_platform.runtime.engine import InferenceEngine
+from ai_platform.runtime.generation import greedy_generate, prefill_chunks
 from ai_platform.runtime.model import LanguageModel
+from ai_platform.runtime.prefix_cache import PrefixCache
+from ai_platform.runtime.scheduler import ContinuousBatch
 
 pytestmark = pytest.mark.demo_model
 
+# The models in this process (where the test can watch the batch), where the engine has a choice.
+IN_THIS_PROCESS = {"isolation": "thread"} if "isolation" in inspect.signature(InferenceEngine).parameters else {}
+LIMIT = 96
 
-def test_prompt_and_greedy_tokens_match_the_export_reference(demo_model_dir: Path) -> None:
+
+@pytest.fixture(scope="module")
+def demo_model(demo_model_dir: Path) -> LanguageModel:
+    return LanguageModel.load(demo_model_dir, execution_provider="cpu", intra_op_threads=None)
+
+
+def test_prompt_and_greedy_tokens_match_the_export_reference(demo_model_dir: Path, demo_model: LanguageModel) -> None:
     reference = json.loads((demo_model_dir / "export.json").read_text(encoding="utf-8"))["validation"]
-    model = LanguageModel.load(demo_model_dir, execution_provider="cpu", intra_op_threads=None)
+    model = demo_model
     prompt = model.encode_prompt([Message(m["role"], m["content"]) for m in reference["messages"]])
     assert prompt == reference["prompt_ids"]
     expected = reference["greedy_ids"]
     result = greedy_generate(model.decoder, prompt, max_new_tokens=len(expected), eos_ids=model.eos_ids)
     produced = result.tokens + ([expected[-1]] if result.finish_reason == "stop" else [])
     assert produced == expected
+
+
+def translate(text: str, source: str = "English", target: str = "French") -> Generate:
+    system = "You are a professional translator. Reply with the translation only, without notes or explanations."
+    return Generate(
+        messages=[
+            Message("system", system),
+            Message("user", f"Translate the following text from {source} to {target}.\n\n{text}"),
+        ]
+    )
+
+
+def summarize(text: str) -> Generate:
+    system = "You are a precise assistant that writes faithful, concise summaries. Reply with the summary only."
+    return Generate(
+        messages=[Message("system", system), Message("user", f"Summarize in one sentence.\n\nText:\n{text}")]
+    )
+
+
+# Distinct prompts (a prompt served twice would meet its own KV in the prefix cache; see the xfail below).
+CALLS = {
+    "alone": translate("The quarterly earnings report exceeded all analyst expectations."),
+    "after idle": summarize(
+        "The city council voted on Tuesday to expand the bike lane network. Construction begins in May."
+    ),
+    "batched 1": translate("The meeting is moved to Thursday morning."),
+    "batched 2": summarize("Artificial intelligence is transforming industries. Models now translate and write text."),
+    "batched 3": translate("Please send the invoice to the accounting department.", target="German"),
+    "batched 4": translate("Le chat dort sur le canapé depuis ce matin.", source="French", target="English"),
+    "idle again": translate("Our office will be closed on Monday for the national holiday.", target="Spanish"),
+}
+
+
+def reference(model: LanguageModel, messages: Sequence[Message], limit: int = LIMIT) -> Completion:
+    """What one unbatched greedy decode of the same prompt gives, in this process, without any cache."""
+    prompt = model.encode_prompt(messages)
+    generated = greedy_generate(
+        model.decoder, prompt, max_new_tokens=model.budget(prompt, limit), eos_ids=model.eos_ids
+    )
+    return model.completion(generated)
+
+
+@pytest.mark.anyio
+async def test_served_generations_equal_the_unbatched_reference_alone_after_idle_and_batched(
+    demo_model_dir: Path, demo_model: LanguageModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = {name: reference(demo_model, call.messages) for name, call in CALLS.items()}
+    for name, completion in expected.items():  # real text, so that equal outputs mean something
+        assert completion.output_tokens >= 5 and len(completion.text.split()) >= 3, (name, completion)
+    sizes: list[int] = []
+    step = ContinuousBatch.step
+
+    def watched_step(self: ContinuousBatch) -> None:
+        sizes.append(self.active)
+        step(self)
+
+    monkeypatch.setattr(ContinuousBatch, "step", watched_step)
+    (tmp_path / "demo").symlink_to(demo_model_dir, target_is_directory=True)
+    engine = InferenceEngine(tmp_path, {"translate": "demo"}, execution_provider="cpu", **IN_THIS_PROCESS)
+    await engine.start()
+    served: dict[str, Completion] = {}
+
+    async def serve(name: str) -> None:
+        served[name] = await engine.generate("translate", CALLS[name], max_output_tokens=LIMIT)
+
+    try:
+        await serve("alone")
+        assert engine.status()[0].queue_depth == 0  # idle: the batch is empty
+        await serve("after idle")  # the batch grows again from nothing
+        sizes.clear()
+        async with anyio.create_task_group() as tg:
+            for name in ("batched 1", "batched 2", "batched 3", "batched 4"):
+                tg.start_soon(serve, name)
+        assert max(sizes) > 1, "the concurrent calls never shared a decode step"
+        assert engine.status()[0].queue_depth == 0
+        await serve("idle again")
+    finally:
+        await engine.close()
+    for name in CALLS:
+        assert served[name] == expected[name], name
+
+
+def _run(chunks: Generator[None, None, tuple[np.ndarray, list[np.ndarray]]]) -> np.ndarray:
+    while True:
+        try:
+            next(chunks)
+        except StopIteration as done:
+            logits: np.ndarray = done.value[0]
+            return logits
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="prefix cache: a prompt found whole in the cache has its last token prefilled alone; on the int4 "
+    "GroupQueryAttention graph a one-token pass gives logits up to ~0.5 off the full prefill's, so a repeated "
+    "request can get a different greedy answer than its first time",
+)
+def test_a_prompt_served_from_the_prefix_cache_prefills_to_the_same_logits(demo_model: LanguageModel) -> None:
+    prompt = demo_model.encode_prompt(
+        translate("The quarterly earnings report exceeded all analyst expectations.").messages
+    )
+    cache = PrefixCache()
+    first = _run(prefill_chunks(demo_model.decoder, prompt, cache))
+    again = _run(prefill_chunks(demo_model.decoder, prompt, cache))
+    assert cache.hits == 1 and cache.reused_tokens == len(prompt) - 1
+    np.testing.assert_allclose(again, first, atol=1e-3, rtol=0)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ import onnxruntime as ort
 import pytest
 
 from ai_platform.errors import ConfigurationError, ModelUnavailableError, RequestValidationError
-from ai_platform.operations import Choose, Generate, Message
+from ai_platform.operations import Choice, Choose, Completion, Generate, Message
 from ai_platform.runtime import InferenceEngine
+from ai_platform.runtime.generation import greedy_generate
 from ai_platform.runtime.model import LanguageModel
 from ai_platform.runtime.onnx_model import OnnxDecoder
 
@@ -23,6 +25,25 @@ pytestmark = pytest.mark.anyio
 
 OPERATIONS = {"summarize": "tiny", "classify": "tiny-alias", "translate": "missing"}
 MESSAGES = [Message("user", "Summarize: the quick brown fox jumps over the lazy dog.")]
+
+# Where the engine runs its models, where it has a choice: "thread" (this process; what the tests
+# that patch the runtime need) and "process" (a supervised child process, the default).
+ISOLATIONS = ["thread", "process"] if "isolation" in inspect.signature(InferenceEngine).parameters else [None]
+IN_THIS_PROCESS = {"isolation": "thread"} if ISOLATIONS != [None] else {}
+
+
+def reference(model: LanguageModel, messages: Sequence[Message], limit: int) -> Completion:
+    """The completion an unbatched greedy decode of the same prompt gives, in this process."""
+    prompt = model.encode_prompt(messages)
+    generated = greedy_generate(
+        model.decoder, prompt, max_new_tokens=model.budget(prompt, limit), eos_ids=model.eos_ids
+    )
+    return model.completion(generated)
+
+
+def reference_choice(model: LanguageModel, messages: Sequence[Message], options: list[str]) -> Choice:
+    prompt, answers = model.encode_choice(messages, options)
+    return model.choose(prompt, answers, options, lambda: False)
 
 
 @pytest.fixture
@@ -34,7 +55,18 @@ def models_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
 
 @pytest.fixture
 async def engine(models_dir: Path) -> AsyncIterator[InferenceEngine]:
-    engine = InferenceEngine(models_dir, OPERATIONS, execution_provider="cpu", intra_op_threads=1)
+    """The engine with its models in this process, where tests can patch the runtime."""
+    engine = InferenceEngine(models_dir, OPERATIONS, execution_provider="cpu", intra_op_threads=1, **IN_THIS_PROCESS)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture(params=ISOLATIONS)
+async def any_engine(models_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[InferenceEngine]:
+    """The engine with each isolation it offers, in turn."""
+    isolation = {} if request.param is None else {"isolation": request.param}
+    engine = InferenceEngine(models_dir, OPERATIONS, execution_provider="cpu", intra_op_threads=1, **isolation)
     await engine.start()
     yield engine
     await engine.close()
@@ -89,40 +121,51 @@ async def test_symlinked_folders_share_one_session(models_dir: Path, monkeypatch
         return original(folder, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(LanguageModel, "load", counting_load)
-    engine = InferenceEngine(models_dir, {"summarize": "tiny", "classify": "tiny-alias"}, execution_provider="cpu")
+    operations = {"summarize": "tiny", "classify": "tiny-alias"}
+    engine = InferenceEngine(models_dir, operations, execution_provider="cpu", **IN_THIS_PROCESS)  # sees the patch
     await engine.start()
     assert loads == [models_dir / "tiny"]
     assert all(s.loaded for s in engine.status())
     await engine.close()
 
 
-async def test_generate_respects_both_token_limits(engine: InferenceEngine) -> None:
+async def test_generate_is_the_reference_decode_within_both_token_limits(
+    any_engine: InferenceEngine, tiny_model: LanguageModel
+) -> None:
     for call_limit, limit in ((None, 5), (3, 3), (50, 5)):
-        completion = await engine.generate(
+        completion = await any_engine.generate(
             "summarize", Generate(messages=MESSAGES, max_output_tokens=call_limit), max_output_tokens=5
         )
-        assert completion.finish_reason in ("stop", "length")
-        assert completion.output_tokens <= limit
-        if completion.finish_reason == "length":
-            assert completion.output_tokens == limit
-        assert completion.text == completion.text.strip()
+        expected = reference(tiny_model, MESSAGES, limit)
+        # The tiny model never says eos on this prompt: the lower limit ends it, with real tokens.
+        assert (expected.output_tokens, expected.finish_reason) == (limit, "length") and expected.text
+        assert completion == expected
 
 
-async def test_choose_returns_probabilities_in_option_order(engine: InferenceEngine, tiny_model: LanguageModel) -> None:
-    choice = await engine.choose("classify", Choose(messages=MESSAGES, options=["technical", "billing"]))
+async def test_choose_returns_the_reference_probabilities_in_option_order(
+    any_engine: InferenceEngine, tiny_model: LanguageModel
+) -> None:
+    options = ["technical", "billing", "technical"]  # a duplicate counts once
+    choice = await any_engine.choose("classify", Choose(messages=MESSAGES, options=options))
+    expected = reference_choice(tiny_model, MESSAGES, ["technical", "billing"])
     assert list(choice.scores) == ["technical", "billing"]
+    assert choice.scores == pytest.approx(expected.scores, rel=1e-5, abs=1e-9)
+    assert max(expected.scores.values()) - min(expected.scores.values()) > 1e-4  # the comparison can tell them apart
     assert sum(choice.scores.values()) == pytest.approx(1.0, abs=1e-9)
-    assert all(0.0 <= p <= 1.0 for p in choice.scores.values())
+    assert choice.best == expected.best and choice.output_tokens == expected.output_tokens
     _, answers = tiny_model.encode_choice(MESSAGES, [choice.best])
     assert choice.output_tokens == len(answers[0])
 
 
-async def test_missing_model_is_unavailable_while_others_work(engine: InferenceEngine) -> None:
+async def test_missing_model_is_unavailable_while_others_work(
+    any_engine: InferenceEngine, tiny_model: LanguageModel
+) -> None:
     with pytest.raises(ModelUnavailableError, match=r"'missing' for operation 'translate' is not loaded"):
-        await engine.generate("translate", Generate(messages=MESSAGES), max_output_tokens=5)
+        await any_engine.generate("translate", Generate(messages=MESSAGES), max_output_tokens=5)
     with pytest.raises(ModelUnavailableError, match="No model is configured"):
-        await engine.choose("unknown", Choose(messages=MESSAGES, options=["a", "b"]))
-    assert (await engine.generate("summarize", Generate(messages=MESSAGES), max_output_tokens=2)).output_tokens <= 2
+        await any_engine.choose("unknown", Choose(messages=MESSAGES, options=["a", "b"]))
+    completion = await any_engine.generate("summarize", Generate(messages=MESSAGES), max_output_tokens=2)
+    assert completion == reference(tiny_model, MESSAGES, 2) and completion.output_tokens == 2
 
 
 async def test_input_beyond_the_context_window_is_rejected(engine: InferenceEngine, tiny_model: LanguageModel) -> None:
@@ -177,6 +220,7 @@ async def test_generate_does_not_block_the_event_loop(
 async def test_cancelling_a_running_generation_stops_it(
     engine: InferenceEngine, tiny_model: LanguageModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    expected = reference(tiny_model, MESSAGES, 2)
     slow = SlowForward(monkeypatch, tiny_model.eos_ids, delay=0.01)
     async with anyio.create_task_group() as tg:
         tg.start_soon(partial(engine.generate, "summarize", Generate(messages=MESSAGES), max_output_tokens=200))
@@ -188,7 +232,7 @@ async def test_cancelling_a_running_generation_stops_it(
         while engine.status()[0].queue_depth:
             await anyio.sleep(0.001)
     completion = await engine.generate("summarize", Generate(messages=MESSAGES), max_output_tokens=2)
-    assert completion.output_tokens == 2
+    assert completion == expected
     assert slow.calls <= calls_at_cancel + 1 + 2  # at most the step in flight, then the new call's two
 
 

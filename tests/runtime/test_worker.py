@@ -34,6 +34,13 @@ class Blocker:
         await anyio.to_thread.run_sync(self.started.wait, 5)
 
 
+async def until(condition: Callable[[], bool], seconds: float = 5) -> None:
+    """Wait for ``condition`` (polled), failing the test if it does not come true in time."""
+    with anyio.fail_after(seconds):
+        while not condition():
+            await anyio.sleep(0.001)
+
+
 async def test_results_and_errors_come_back() -> None:
     worker = ModelWorker("m", max_queue=4)
 
@@ -58,8 +65,7 @@ async def test_full_queue_raises_overloaded() -> None:
         tg.start_soon(run, "running", blocker)
         await blocker.wait_started()
         tg.start_soon(run, "waiting", lambda should_stop: "ok")
-        await anyio.sleep(0.01)
-        assert worker.queue_depth == 2  # one running, one waiting
+        await until(lambda: worker.queue_depth == 2)  # one running, one waiting
         with pytest.raises(OverloadedError, match="1 requests are already waiting"):
             await worker.run(lambda should_stop: "rejected")
         blocker.release.set()
@@ -77,6 +83,7 @@ async def test_job_cancelled_before_it_starts_is_dropped() -> None:
         await blocker.wait_started()
         with anyio.move_on_after(0.02):
             await worker.run(lambda should_stop: ran.append("cancelled"))
+        assert worker.queue_depth == 1  # it left the queue when cancelled, before the blocker ends
         blocker.release.set()
     assert await worker.run(lambda should_stop: "after") == "after"
     assert ran == []
@@ -110,7 +117,7 @@ async def test_close_fails_waiting_and_running_jobs() -> None:
         tg.start_soon(run, blocker)
         await blocker.wait_started()
         tg.start_soon(run, lambda should_stop: "never")
-        await anyio.sleep(0.01)
+        await until(lambda: worker.queue_depth == 2)  # one running, one waiting
         await worker.close()
     assert len(errors) == 2
     assert blocker.saw_stop
