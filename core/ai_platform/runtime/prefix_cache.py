@@ -18,6 +18,13 @@ import numpy as np
 # Enough for dozens of typical prompts of a small model (SmolLM2-135M: 46 KB per token in fp32).
 DEFAULT_MAX_BYTES = 64 * 2**20
 
+# Prompt positions always computed, even when a cached prompt covers more. onnxruntime runs a
+# one-token pass through other kernels than a longer one (in the int4 demo model the last
+# position's logits then differ by up to 0.85 from a cold prefill, enough to change a
+# classification's scores by a quarter), while passes of two or more tokens give bit-identical
+# results whatever the split. Two keep an answer independent of what the cache holds.
+MIN_COMPUTED = 2
+
 
 class _Entry(NamedTuple):
     tokens: np.ndarray  # the prompt, as an array once, for comparing against every new prompt
@@ -39,11 +46,11 @@ class PrefixCache:
         self.reused_tokens = 0
 
     def lookup(self, prompt: Sequence[int]) -> tuple[int, list[np.ndarray] | None]:
-        """The longest cached prefix of ``prompt`` (leaving at least its last token to run) and its KV."""
+        """The longest cached prefix of ``prompt`` (leaving at least ``MIN_COMPUTED`` tokens to run) and its KV."""
         wanted = np.asarray(prompt)
         best, best_key = 0, None
         for key, entry in self._entries.items():
-            length = min(len(key), len(prompt) - 1)
+            length = min(len(key), len(prompt) - MIN_COMPUTED)
             if length <= best:
                 continue
             differs = np.flatnonzero(entry.tokens[:length] != wanted[:length])
