@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -24,6 +26,29 @@ from ai_platform.runtime.scheduler import ContinuousBatch, SequenceRequest
 T = TypeVar("T")
 
 Work = Callable[[Callable[[], bool]], T]  # receives should_stop()
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        return None
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``).
+
+    A long prompt's KV buffers and activations are freed when its batch empties, but glibc
+    keeps the pages: after a few long inputs a demo-model process stayed at 620 MB idle
+    instead of ~260 MB. Called when a model's work runs out, so the cost (milliseconds)
+    is paid only on the way to idle.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -126,11 +151,19 @@ class ModelWorker:
 
     def _loop(self) -> None:
         batch = self._batch
+        idle = lambda: not self._waiting and not (batch and batch.active) and not self._closed  # noqa: E731
+        worked = False  # since memory was last given back
         while True:
+            with self._wakeup:
+                going_idle = worked and idle()
+            if going_idle:
+                release_free_memory()
+                worked = False
             admitted: list[SequenceRequest] = []
             with self._wakeup:
-                while not self._waiting and not (batch and batch.active) and not self._closed:
+                while idle():
                     self._wakeup.wait()
+                worked = True
                 if self._closed:
                     break
                 # Sequences at the head of the queue join while the batch has room; a job
