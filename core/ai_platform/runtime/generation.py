@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -76,6 +77,25 @@ def prefill_chunks(
     return last, past
 
 
+T = TypeVar("T")
+
+# Work in slices: each ``next()`` runs one forward pass (a prefill chunk, an options pass),
+# so the model's worker can interleave it with other work; the value comes with StopIteration.
+Steps = Generator[None, None, T]
+
+
+def run_steps(steps: Steps[T], should_stop: Callable[[], bool]) -> T:
+    """Run ``steps`` to the end at once, checking ``should_stop`` before each slice."""
+    while True:
+        if should_stop():
+            steps.close()
+            raise GenerationCancelled
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value  # type: ignore[no-any-return]
+
+
 def prefill(
     model: OnnxDecoder,
     prompt: Sequence[int],
@@ -83,14 +103,7 @@ def prefill(
     cache: PrefixCache | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """All of :func:`prefill_chunks` at once, checking ``should_stop`` before each chunk."""
-    chunks = prefill_chunks(model, prompt, cache)
-    while True:
-        if should_stop():
-            raise GenerationCancelled
-        try:
-            next(chunks)
-        except StopIteration as finished:
-            return finished.value  # type: ignore[no-any-return]
+    return run_steps(prefill_chunks(model, prompt, cache), should_stop)
 
 
 def greedy_generate(
@@ -140,30 +153,40 @@ def score_options(
     should_stop: Callable[[], bool] = lambda: False,
     cache: PrefixCache | None = None,
 ) -> list[float]:
+    """All of :func:`score_options_steps` at once, checking ``should_stop`` before each pass."""
+    return run_steps(score_options_steps(model, prompt, options, cache=cache), should_stop)
+
+
+def score_options_steps(
+    model: OnnxDecoder,
+    prompt: Sequence[int],
+    options: Sequence[Sequence[int]],
+    *,
+    cache: PrefixCache | None = None,
+) -> Steps[list[float]]:
     """log P(option | prompt) for each option's token ids (each ends with the end-of-turn token).
 
-    The prompt is prefilled once; the options then run as right-padded batches
-    that reuse its KV cache. The pads are fed as ordinary tokens (mask 1): under
-    causal attention no real token attends to a pad after it, pads' own outputs
-    are ignored, and fused attention, which reads each row's length from its
+    One forward pass per slice (see :data:`Steps`): the prompt's prefill chunks, then the
+    options as right-padded batches that reuse its KV cache. The pads are fed as ordinary
+    tokens (mask 1): under causal attention no real token attends to a pad after it, pads'
+    own outputs are ignored, and fused attention, which reads each row's length from its
     mask, sees every row as the same length.
     """
     if not options or any(len(option) == 0 for option in options):
         raise ValueError("every option needs at least one token")
     length = len(prompt)
-    last, past = prefill(model, prompt, should_stop, cache)
+    last, past = yield from prefill_chunks(model, prompt, cache)
     first = _log_softmax(last)
     totals = [float(first[option[0]]) for option in options]
     # GroupQueryAttention takes several new tokens on top of a past only for one row at a time.
     rows_per_pass = 1 if model.fused_attention else MAX_OPTION_BATCH
     for start in range(0, len(options), rows_per_pass):
-        if should_stop():
-            raise GenerationCancelled
         chunk = options[start : start + rows_per_pass]
         # Feed every option token but the last; position j predicts token j + 1.
         width = max(len(option) for option in chunk) - 1
         if width == 0:
             continue
+        yield
         rows = len(chunk)
         input_ids = np.zeros((rows, width), dtype=np.int64)
         for row, option in enumerate(chunk):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ai_platform.errors import RequestValidationError
 from ai_platform.operations import Choice, Completion, Message
-from ai_platform.runtime.generation import Generated, score_options
+from ai_platform.runtime.generation import Generated, Steps, run_steps, score_options_steps
 from ai_platform.runtime.manifest import verify_manifest
 from ai_platform.runtime.onnx_model import OnnxDecoder
 from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
@@ -144,8 +144,12 @@ class LanguageModel:
         options: Sequence[str],
         should_stop: Callable[[], bool],
     ) -> Choice:
-        """Probabilities of the options (softmax of their log-likelihoods), in option order."""
-        totals = score_options(self.decoder, prompt, answers, should_stop=should_stop, cache=self.prefix_cache)
+        """All of :meth:`choose_steps` at once, checking ``should_stop`` before each forward pass."""
+        return run_steps(self.choose_steps(prompt, answers, options), should_stop)
+
+    def choose_steps(self, prompt: list[int], answers: list[list[int]], options: Sequence[str]) -> Steps[Choice]:
+        """Probabilities of the options (softmax of their log-likelihoods), in option order; a pass per slice."""
+        totals = yield from score_options_steps(self.decoder, prompt, answers, cache=self.prefix_cache)
         top = max(totals)
         weights = [math.exp(total - top) for total in totals]
         norm = sum(weights)

@@ -120,7 +120,7 @@ class InProcessModel:
     async def choose(self, messages: Sequence[Message], options: Sequence[str]) -> Choice:
         model = self.model
         prompt, answers = await asyncio.to_thread(model.encode_choice, messages, options)
-        return await self._worker.run(lambda should_stop: model.choose(prompt, answers, options, should_stop))
+        return await self._worker.run(model.choose_steps(prompt, answers, options))
 
     async def close(self) -> None:
         await self._worker.close()

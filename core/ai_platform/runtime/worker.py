@@ -1,11 +1,12 @@
 """A dedicated thread per loaded model, with a bounded queue of work from the event loop.
 
-Two kinds of work share the queue, in arrival order. Greedy generations join the
-model's :class:`ContinuousBatch` and decode together, one step at a time; other
-jobs (option scoring) run alone between two steps. Work whose caller was
-cancelled before it started is dropped; a running job sees its ``should_stop``
-callback turn true and a decoding sequence leaves the batch at the next step,
-freeing its row for the next request.
+Two kinds of work share the queue and start in arrival order. Greedy generations join
+the model's :class:`ContinuousBatch` and decode together, one step at a time; jobs
+(option scoring) run in slices of one forward pass, taking turns with each other, and
+jobs and the batch's steps share the model's time evenly, so a long classify neither
+holds decoding sequences for its whole prefill nor is held by them. Work whose caller was cancelled before it started is
+dropped; a running job stops before its next slice and a decoding sequence leaves the
+batch at the next step, freeing its row for the next request.
 """
 
 from __future__ import annotations
@@ -14,18 +15,23 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import inspect
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Generic, TypeVar
 
 from ai_platform.errors import ModelUnavailableError, OverloadedError
-from ai_platform.runtime.generation import Generated
+from ai_platform.runtime.generation import Generated, Steps
 from ai_platform.runtime.scheduler import ContinuousBatch, SequenceRequest
 
 T = TypeVar("T")
 
-Work = Callable[[Callable[[], bool]], T]  # receives should_stop()
+Work = Callable[[Callable[[], bool]], T]  # run in one slice; receives should_stop()
+
+# Jobs that take turns at once; each holds its prompt's KV cache until it finishes.
+MAX_RUNNING_JOBS = 4
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
@@ -72,20 +78,34 @@ def _reporter(future: asyncio.Future[Any]) -> Callable[[Any, BaseException | Non
 
 
 class _Job(Generic[T]):
-    def __init__(self, work: Work[T], future: asyncio.Future[T]) -> None:
-        self.work = work
+    """A job for the model's thread: :data:`Steps` run a slice at a time, or a :data:`Work` run in one."""
+
+    def __init__(self, work: Work[T] | Steps[T], future: asyncio.Future[T]) -> None:
         self.future = future
         self.cancelled = threading.Event()
+        self._steps: Steps[T] = work if inspect.isgenerator(work) else self._at_once(work)  # type: ignore[arg-type]
 
-    def run(self) -> None:
-        """Run on the worker thread and hand the outcome to the event loop."""
+    def _at_once(self, work: Work[T]) -> Steps[T]:
+        return work(self.cancelled.is_set)
+        yield  # unreachable: makes this a generator whose first slice is all of ``work``
+
+    def advance(self) -> bool:
+        """Run the next slice on the worker thread; once the job is done, hand its outcome over and say so."""
         result: Any = None
         error: BaseException | None = None
         try:
-            result = self.work(self.cancelled.is_set)
+            next(self._steps)
+            return False
+        except StopIteration as done:
+            result = done.value
         except Exception as exc:
             error = exc
         _reporter(self.future)(result, error)
+        return True
+
+    def drop(self) -> None:
+        """Abandon the job (its caller is gone): nothing is reported."""
+        self._steps.close()
 
 
 class ModelWorker:
@@ -99,7 +119,7 @@ class ModelWorker:
         self._max_queue = max_queue
         self._batch = batch
         self._waiting: deque[_Job[Any] | SequenceRequest] = deque()
-        self._running: _Job[Any] | None = None
+        self._running: deque[_Job[Any]] = deque()  # started jobs, taking turns
         self._closed = False
         self._wakeup = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name=f"model-{name}", daemon=True)
@@ -109,7 +129,7 @@ class ModelWorker:
     def queue_depth(self) -> int:
         """Requests waiting or running on this model."""
         active = self._batch.active if self._batch is not None else 0
-        return len(self._waiting) + active + (self._running is not None)
+        return len(self._waiting) + active + len(self._running)
 
     def _enqueue(self, item: _Job[Any] | SequenceRequest) -> None:
         with self._wakeup:
@@ -131,8 +151,12 @@ class ModelWorker:
                     self._waiting.remove(item)
             raise
 
-    async def run(self, work: Work[T]) -> T:
-        """Queue ``work`` and wait for its result; cancelling the wait cancels the job."""
+    async def run(self, work: Work[T] | Steps[T]) -> T:
+        """Queue a job and wait for its result; cancelling the wait cancels the job.
+
+        ``Steps`` run one slice per turn of the model's loop, between other work; a plain
+        ``Work`` callable runs in one turn and may poll its ``should_stop`` argument.
+        """
         job: _Job[T] = _Job(work, asyncio.get_running_loop().create_future())
         self._enqueue(job)
         return await self._wait(job, job.future)
@@ -151,8 +175,10 @@ class ModelWorker:
 
     def _loop(self) -> None:
         batch = self._batch
-        idle = lambda: not self._waiting and not (batch and batch.active) and not self._closed  # noqa: E731
+        running = self._running
+        idle = lambda: not self._waiting and not (batch and batch.active) and not running and not self._closed  # noqa: E731
         worked = False  # since memory was last given back
+        batch_turn_ends = 0.0  # the batch steps alone until then (its share of the model's time)
         while True:
             with self._wakeup:
                 going_idle = worked and idle()
@@ -166,27 +192,41 @@ class ModelWorker:
                 worked = True
                 if self._closed:
                     break
-                # Sequences at the head of the queue join while the batch has room; a job
-                # there runs alone once none were admitted, keeping arrival order.
-                while self._waiting and batch is not None and batch.active + len(admitted) < batch.max_batch:
+                # In arrival order: sequences join the batch while it has room, jobs start
+                # while fewer than MAX_RUNNING_JOBS run; the first that cannot start waits.
+                while self._waiting:
                     head = self._waiting[0]
-                    if not isinstance(head, SequenceRequest):
+                    if isinstance(head, SequenceRequest):
+                        if batch is None or batch.active + len(admitted) >= batch.max_batch:
+                            break
+                        admitted.append(head)
+                    elif len(running) < MAX_RUNNING_JOBS:
+                        running.append(head)
+                    else:
                         break
-                    admitted.append(head)
                     self._waiting.popleft()
-                if self._waiting and not admitted and isinstance(self._waiting[0], _Job):
-                    self._running = self._waiting[0]
-                    self._waiting.popleft()
-            job = self._running
             for request in admitted:
                 if batch is not None and not request.cancelled.is_set():
                     batch.admit(request)
-            if job is not None and not job.cancelled.is_set():
-                job.run()
+            # Jobs and the batch share the model's time evenly: after a job's slice (a prefill
+            # chunk can take a second), the batch steps for as long before the next slice.
+            if running and not (batch and batch.active and time.monotonic() < batch_turn_ends):
+                job = running[0]
+                started = time.monotonic()
+                if job.cancelled.is_set():
+                    job.drop()
+                    done = True
+                else:
+                    done = job.advance()
+                batch_turn_ends = 2 * time.monotonic() - started
+                with self._wakeup:
+                    running.popleft()
+                    if not done:
+                        running.append(job)
             if batch and batch.active:
                 batch.step()
-            with self._wakeup:
-                self._running = None
+        for job in running:
+            job.drop()
         if batch is not None:
             batch.fail_all(ModelUnavailableError(f"Model '{self.name}' is shutting down."))
 
@@ -194,7 +234,7 @@ class ModelWorker:
         """Fail waiting work, stop running work at its next step and wait for the thread."""
         with self._wakeup:
             self._closed = True
-            jobs = [*self._waiting, *([self._running] if self._running else [])]
+            jobs = [*self._waiting, *self._running]
             self._waiting.clear()
             self._wakeup.notify()
         for job in jobs:
