@@ -180,6 +180,22 @@ async def test_input_beyond_the_context_window_is_rejected(engine: InferenceEngi
         await engine.choose("classify", Choose(messages=long, options=["a", "b"]))
 
 
+async def test_check_counts_prompt_tokens_before_any_model_work(
+    any_engine: InferenceEngine, tiny_model: LanguageModel
+) -> None:
+    """``check`` tokenises in the server's process (whatever the isolation) and raises what the call would."""
+    assert await any_engine.check("summarize", Generate(messages=MESSAGES)) == len(tiny_model.encode_prompt(MESSAGES))
+    options = ["billing", "technical support"]
+    expected, _ = tiny_model.encode_choice(MESSAGES, options)
+    assert await any_engine.check("classify", Choose(messages=MESSAGES, options=options)) == len(expected)
+    long = [Message("user", "Hello world! " * tiny_model.decoder.max_positions)]
+    with pytest.raises(RequestValidationError, match="Request validation failed"):
+        await any_engine.check("summarize", Generate(messages=long))
+    with pytest.raises(ModelUnavailableError):
+        await any_engine.check("translate", Generate(messages=MESSAGES))
+    assert all(status.queue_depth == 0 for status in any_engine.status())
+
+
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
 async def test_cuda_without_cuda_fails_to_load_with_a_clear_error(models_dir: Path) -> None:
     engine = InferenceEngine(models_dir, {"summarize": "tiny"}, execution_provider="cuda")

@@ -162,6 +162,23 @@ class InferenceEngine:
             raise ModelUnavailableError(f"Model '{model}' for operation '{operation}' is not loaded ({slot.error}).")
         return slot.model
 
+    async def check(self, operation: str, call: Generate | Choose) -> int:
+        """The prompt's length in tokens, without running the model (the tokenizer runs in this process).
+
+        Raises :class:`RequestValidationError` when it leaves no room in the model's context
+        to answer, and :class:`ModelUnavailableError` when the operation's model is not loaded,
+        so that both are known before a request is admitted and counted.
+        """
+        encoder = self._loaded(operation).encoder
+        if isinstance(call, Generate):
+            prompt = await asyncio.to_thread(encoder.encode_prompt, call.messages)
+        else:
+            options = list(dict.fromkeys(call.options))
+            if not options:
+                raise ValueError("Choose needs at least one option")
+            prompt, _ = await asyncio.to_thread(encoder.encode_choice, call.messages, options)
+        return len(prompt)
+
     async def generate(self, operation: str, call: Generate, *, max_output_tokens: int) -> Completion:
         """Greedy completion of ``call.messages``; ``call.max_output_tokens`` may only lower the limit."""
         model = self._loaded(operation)

@@ -25,18 +25,15 @@ def _eos_ids(generation_config: Path) -> list[int]:
     return [int(eos)] if isinstance(eos, int) else [int(token) for token in eos]
 
 
-class LanguageModel:
-    """Turns chat messages into model work; the heavy methods run on the model's worker thread."""
+class PromptEncoder:
+    """A model folder's text side: chat template, tokenizer, context size and stop tokens; no ONNX session.
 
-    def __init__(
-        self,
-        tokenizer: ChatTokenizer,
-        decoder: OnnxDecoder,
-        eos_ids: Sequence[int],
-        prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
-    ) -> None:
+    The server checks prompts with it before admitting a request (its model may run in another process).
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer, max_positions: int, eos_ids: Sequence[int]) -> None:
         self.tokenizer = tokenizer
-        self.decoder = decoder
+        self.max_positions = max_positions
         # A chat model's tokenizer eos is its end-of-turn token; generation_config.json
         # may list more stop tokens (e.g. Qwen2.5: <|im_end|> and <|endoftext|>).
         end_of_turn = tokenizer.eos_token_id
@@ -45,6 +42,80 @@ class LanguageModel:
             raise ValueError("no eos token in generation_config.json or tokenizer_config.json")
         self.end_of_turn_id = ordered[0]
         self.eos_ids = frozenset(ordered)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> PromptEncoder:
+        """The text side of a model folder (tokenizer files, config.json, generation_config.json)."""
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        eos_ids = _eos_ids(folder / "generation_config.json")
+        return cls(ChatTokenizer.from_folder(folder), int(config["max_position_embeddings"]), eos_ids)
+
+    def _check_fits(self, prompt_tokens: int, reserved: int) -> None:
+        """Reject a prompt that leaves fewer than ``reserved`` positions of context for the answer."""
+        most = self.max_positions - reserved
+        if prompt_tokens > most:
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "string_too_long",
+                        "loc": ["body", "text"],
+                        "msg": f"Input is too long for the model's context window "
+                        f"({prompt_tokens} tokens; at most {max(most, 0)}).",
+                        "input": None,
+                    }
+                ]
+            )
+
+    def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
+        """Prompt token ids for generation; raises RequestValidationError if no room is left to answer."""
+        ids = self.tokenizer.encode(self.tokenizer.render(messages))
+        self._check_fits(len(ids), 1)
+        return ids
+
+    def encode_choice(self, messages: Sequence[Message], options: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+        """Prompt ids and each option's answer ids (ending with the end-of-turn token)."""
+        prompt_text = self.tokenizer.render(messages)
+        prompt = self.tokenizer.encode(prompt_text)
+        answers = []
+        for option in options:
+            # Encode the option in place after the prompt, so tokenizers that treat
+            # word starts specially (leading spaces, SentencePiece's "▁") see what
+            # the model would see; fall back to the bare option if the prompt's
+            # tokens merge with it across the boundary.
+            joined = self.tokenizer.encode(prompt_text + option)
+            tokens = joined[len(prompt) :] if joined[: len(prompt)] == prompt else self.tokenizer.encode(option)
+            answers.append([*tokens, self.end_of_turn_id])
+        self._check_fits(len(prompt), max(len(answer) for answer in answers))
+        return prompt, answers
+
+    def budget(self, prompt: Sequence[int], max_new_tokens: int) -> int:
+        """New tokens ``prompt`` may get: the token limit, or the context left if that is less."""
+        return max(0, min(max_new_tokens, self.max_positions - len(prompt)))
+
+    def completion(self, result: Generated) -> Completion:
+        """The :class:`Completion` for generated token ids."""
+        return Completion(
+            text=self.tokenizer.decode(result.tokens).strip(),
+            output_tokens=len(result.tokens),
+            finish_reason=result.finish_reason,
+        )
+
+
+class LanguageModel(PromptEncoder):
+    """A model folder loaded for serving: its text side plus the ONNX decoder and a prefix cache.
+
+    The heavy methods run on the model's worker thread.
+    """
+
+    def __init__(
+        self,
+        tokenizer: ChatTokenizer,
+        decoder: OnnxDecoder,
+        eos_ids: Sequence[int],
+        prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        super().__init__(tokenizer, decoder.max_positions, eos_ids)
+        self.decoder = decoder
         # Shared by generation and option scoring, on the model's thread.
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
 
@@ -86,56 +157,6 @@ class LanguageModel:
     @property
     def provider(self) -> str:
         return self.decoder.provider
-
-    def _check_fits(self, prompt_tokens: int, reserved: int) -> None:
-        """Reject a prompt that leaves fewer than ``reserved`` positions of context for the answer."""
-        most = self.decoder.max_positions - reserved
-        if prompt_tokens > most:
-            raise RequestValidationError(
-                [
-                    {
-                        "type": "string_too_long",
-                        "loc": ["body", "text"],
-                        "msg": f"Input is too long for the model's context window "
-                        f"({prompt_tokens} tokens; at most {max(most, 0)}).",
-                        "input": None,
-                    }
-                ]
-            )
-
-    def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
-        """Prompt token ids for generation; raises RequestValidationError if no room is left to answer."""
-        ids = self.tokenizer.encode(self.tokenizer.render(messages))
-        self._check_fits(len(ids), 1)
-        return ids
-
-    def encode_choice(self, messages: Sequence[Message], options: Sequence[str]) -> tuple[list[int], list[list[int]]]:
-        """Prompt ids and each option's answer ids (ending with the end-of-turn token)."""
-        prompt_text = self.tokenizer.render(messages)
-        prompt = self.tokenizer.encode(prompt_text)
-        answers = []
-        for option in options:
-            # Encode the option in place after the prompt, so tokenizers that treat
-            # word starts specially (leading spaces, SentencePiece's "▁") see what
-            # the model would see; fall back to the bare option if the prompt's
-            # tokens merge with it across the boundary.
-            joined = self.tokenizer.encode(prompt_text + option)
-            tokens = joined[len(prompt) :] if joined[: len(prompt)] == prompt else self.tokenizer.encode(option)
-            answers.append([*tokens, self.end_of_turn_id])
-        self._check_fits(len(prompt), max(len(answer) for answer in answers))
-        return prompt, answers
-
-    def budget(self, prompt: Sequence[int], max_new_tokens: int) -> int:
-        """New tokens ``prompt`` may get: the token limit, or the context left if that is less."""
-        return max(0, min(max_new_tokens, self.decoder.max_positions - len(prompt)))
-
-    def completion(self, result: Generated) -> Completion:
-        """The :class:`Completion` for generated token ids."""
-        return Completion(
-            text=self.tokenizer.decode(result.tokens).strip(),
-            output_tokens=len(result.tokens),
-            finish_reason=result.finish_reason,
-        )
 
     def choose(
         self,

@@ -35,6 +35,7 @@ from typing import Any
 
 from ai_platform.errors import ModelUnavailableError, OverloadedError, RequestValidationError, ServiceUnavailableError
 from ai_platform.operations import Choice, Completion, Message
+from ai_platform.runtime.model import PromptEncoder
 from ai_platform.runtime.served_model import InProcessModel, ModelOptions
 
 logger = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ class ModelProcess:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
         self._provider: str | None = None
+        self._encoder: PromptEncoder | None = None  # the text side, loaded here too
         self._error: str | None = "not loaded yet"
         self._reused_before = 0  # prefix-cache reuse counted by earlier children
         self._reused = 0
@@ -204,6 +206,11 @@ class ModelProcess:
         return self._provider if self.loaded else None
 
     @property
+    def encoder(self) -> PromptEncoder:
+        assert self._encoder is not None, "start() loads it"
+        return self._encoder
+
+    @property
     def queue_depth(self) -> int:
         return len(self._pending)
 
@@ -219,7 +226,12 @@ class ModelProcess:
     async def start(self) -> None:
         """Start the child and wait until it has loaded the model; on failure, ``error`` says why."""
         self._loop = asyncio.get_running_loop()
-        await self._spawn()
+        if await self._spawn():
+            try:
+                self._encoder = await asyncio.to_thread(PromptEncoder.from_folder, self._folder)
+            except Exception as exc:  # the child read the same files: only a folder changed meanwhile
+                await self.close()
+                self._error = f"failed to load: {type(exc).__name__}: {exc}"
 
     async def _spawn(self) -> bool:
         context = multiprocessing.get_context("spawn")

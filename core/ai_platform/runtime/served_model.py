@@ -16,7 +16,7 @@ from typing import Protocol
 
 from ai_platform.operations import Choice, Completion, Message
 from ai_platform.runtime.kv_batch import new_batch
-from ai_platform.runtime.model import LanguageModel
+from ai_platform.runtime.model import LanguageModel, PromptEncoder
 from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES
 from ai_platform.runtime.scheduler import ContinuousBatch
 from ai_platform.runtime.worker import ModelWorker
@@ -48,6 +48,11 @@ class ServedModel(Protocol):
 
     @property
     def provider(self) -> str | None: ...
+
+    @property
+    def encoder(self) -> PromptEncoder:
+        """The model's text side, in the server's process: prompts are checked with it before admission."""
+        ...
 
     @property
     def queue_depth(self) -> int:
@@ -102,6 +107,10 @@ class InProcessModel:
     @property
     def provider(self) -> str | None:
         return self.model.provider
+
+    @property
+    def encoder(self) -> PromptEncoder:
+        return self.model
 
     @property
     def queue_depth(self) -> int:
