@@ -55,12 +55,33 @@ def post(port: int, path: str, body: object) -> tuple[int, dict[str, object]]:
 
 
 def start_server(
-    env: dict[str, str], cwd: Path, command: list[str] | None = None
+    env: dict[str, str],
+    cwd: Path,
+    command: list[str] | None = None,
+    *,
+    output: Path | None = None,
+    drop: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``.venv/bin/ai-platform serve`` (or ``command`` plus a port) and wait until /health answers."""
+    """Start ``.venv/bin/ai-platform serve`` (or ``command`` plus a port) and wait until /health answers.
+
+    ``output``: a file that gets the server's stdout and stderr (default: this process's).
+    ``drop``: variables of this process's environment the server must not inherit.
+    """
     port = free_port()
     command = command or [str(ROOT / ".venv" / "bin" / "ai-platform"), "serve", "--port"]
-    server = subprocess.Popen([*command, str(port)], env={**os.environ, **env}, cwd=cwd)
+    inherited = {name: value for name, value in os.environ.items() if name not in drop}
+    sink = open(output, "ab") if output is not None else None  # noqa: SIM115 (the child keeps its own copy)
+    try:
+        server = subprocess.Popen(
+            [*command, str(port)],
+            env={**inherited, **env},
+            cwd=cwd,
+            stdout=sink,
+            stderr=subprocess.STDOUT if sink else None,
+        )
+    finally:
+        if sink is not None:
+            sink.close()
     deadline = time.monotonic() + 180
     while True:
         try:
