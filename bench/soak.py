@@ -372,7 +372,7 @@ class Soak:
     # --- traffic ------------------------------------------------------------------------------------------
 
     def pick_operation(self) -> str:
-        return self.rng.choices(OPERATIONS, WEIGHTS)[0]
+        return self.rng.choices(OPERATIONS, self.args.weights)[0]
 
     async def one_request(self, operation: str | None = None) -> None:
         assert self.traffic is not None
@@ -773,6 +773,13 @@ def main() -> None:
     parser.add_argument("--phase-seconds", type=float, help="per phase (default: minutes*6 s, 4..20)")
     parser.add_argument("--gap-seconds", type=float, help="idle time between phases (default: 3, or 2 under 5 min)")
     parser.add_argument("--long-fraction", type=float, default=0.04, help="inputs at the operation's limit")
+    parser.add_argument(
+        "--weights",
+        type=lambda text: tuple(float(w) for w in text.split(",")),
+        default=WEIGHTS,
+        help=f"share of each of {', '.join(OPERATIONS)} (default: {','.join(map(str, WEIGHTS))}); "
+        "more classify and sentiment, which answer in one pass, give more requests per minute",
+    )
     parser.add_argument(
         "--prefix-cache-mb",
         type=int,
