@@ -553,6 +553,10 @@ class Soak:
         if missing:
             raise SystemExit(f"soak: the server does not serve {missing} (is examples/sentiment installed?)")
         self.traffic = Traffic(self.rng, max_chars, args.long_fraction)
+        health = (await self.client.get("/health")).json()
+        down = [m for m in health.get("models", []) if not m.get("loaded")]
+        if down:
+            raise SystemExit(f"soak: models not loaded: {down}")
         _, start_date = await self.operation_usage()
         self.known_processes = self.processes()
         expected = self.args.workers * (2 if self.args.workers > 1 else 1)
