@@ -21,6 +21,7 @@ from ai_platform import __version__
 from ai_platform.api.audit_middleware import AuditMiddleware
 from ai_platform.api.auth import API_KEY_HEADER, KeyRing, api_key_middleware
 from ai_platform.api.errors import EXCEPTION_HANDLERS
+from ai_platform.api.openapi_docs import SCHEMA_PATH, render_plugins
 from ai_platform.api.routes_metrics import metrics_route
 from ai_platform.api.routes_operations import operation_route, unknown_operation_route
 from ai_platform.api.routes_plugins import introspection_routes
@@ -126,6 +127,8 @@ class PlatformPlugin(InitPluginProtocol):
                 }
             ),
             security=[{"ApiKey": []}],
+            path=SCHEMA_PATH,
+            render_plugins=render_plugins(),  # Swagger UI with its files served here: no CDN (air-gapped)
         )
 
 

@@ -32,6 +32,8 @@ def _settings() -> Settings:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from ai_platform.api.http_limits import HeaderLimitedHttpToolsProtocol
+
     settings = _settings()
     try:
         app_factory()  # fail here, once, with a readable message rather than in every worker
@@ -47,6 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         proxy_headers=True,
         forwarded_allow_ips="127.0.0.1",
         server_header=False,
+        http=HeaderLimitedHttpToolsProtocol,  # httptools, with limits on header size and count (431)
     )
 
 

@@ -3,6 +3,10 @@
 Keys are compared in constant time against every configured key, so timing
 reveals neither which key matched nor how much of a key was right. Only a
 keyed hash of the key (its id) is ever stored or logged.
+
+Spaces and tabs around the header's value are not part of the key (RFC 9110's
+optional whitespace): the HTTP parser drops those before the value but keeps
+those after it, so the key is stripped on both sides here, the one rule.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from ai_platform.errors import AuthenticationError
 
 API_KEY_HEADER = "X-API-Key"
 PUBLIC_PATHS = ["^/health$"]
+_OWS = " \t"  # optional whitespace around a header value
 
 
 def key_id(api_key: str, secret_key: str) -> str:
@@ -60,6 +65,8 @@ class KeyRing:
         return found
 
     def authenticate(self, key: str | None) -> Principal:
+        """The caller whose ``X-API-Key`` value is ``key``; spaces and tabs around it are ignored."""
+        key = key.strip(_OWS) if key else key
         if not key:
             raise AuthenticationError()
         candidate = self._digest(key)

@@ -10,7 +10,8 @@ from litestar.params import FromPath, JSONBody
 
 from ai_platform.api.auth import Principal
 from ai_platform.api.disconnect import cancel_on_disconnect
-from ai_platform.operations import Operation
+from ai_platform.api.validation import shorten
+from ai_platform.operations import NAME_PATTERN, Operation
 from ai_platform.services.operation_service import OperationService
 
 
@@ -48,6 +49,8 @@ def unknown_operation_route(service: OperationService) -> HTTPRouteHandler:
     @post("/operations/{name:str}", status_code=200, include_in_schema=False)
     async def unknown_operation(name: FromPath[str]) -> None:
         # Known operations have their own static route, which wins; this raises NotFoundError.
-        service.get(name)
+        # A name no operation can have is echoed cut to 64 characters, control characters escaped
+        # (still no operation's name: it ends in "…", holds a backslash, or is the name unchanged).
+        service.get(name if NAME_PATTERN.match(name) else shorten(name, 64))
 
     return unknown_operation

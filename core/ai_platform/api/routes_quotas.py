@@ -6,6 +6,7 @@ by the key itself; a caller learns its own id from ``GET /usage/keys/me``.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -15,12 +16,13 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath, FromQuery, JSONBody
 
 from ai_platform.api.auth import KeyRing, Principal, admin_only
-from ai_platform.api.validation import not_one_of
-from ai_platform.errors import NotFoundError
+from ai_platform.api.validation import not_one_of, shorten
+from ai_platform.errors import NotFoundError, RequestValidationError
 from ai_platform.services.orchestration import iso_timestamp
 from ai_platform.usage.limit_service import KeyUsageInfo, LimitService, QuotaInfo
 
-KeyId = Annotated[str, msgspec.Meta(min_length=1, max_length=16, pattern=r"^[0-9a-f]+$")]
+KEY_ID_PATTERN = r"^[0-9a-f]{16}$"  # what auth.key_id makes: 16 lowercase hex digits
+KeyId = Annotated[str, msgspec.Meta(min_length=16, max_length=16, pattern=KEY_ID_PATTERN)]
 
 
 class QuotaEntry(msgspec.Struct, kw_only=True):
@@ -118,6 +120,12 @@ def quota_routes(limits: LimitService, keyring: KeyRing) -> list[HTTPRouteHandle
         guards=[admin_only],
     )
     async def get_key_usage(key_id: FromQuery[KeyId | None] = None) -> KeyUsageResponse:
+        # Litestar does not apply KeyId's constraints to an optional query parameter: checked here.
+        if key_id is not None and not re.fullmatch(KEY_ID_PATTERN, key_id):
+            raise RequestValidationError(
+                [{"type": "string_pattern_mismatch", "loc": ["query", "key_id"],
+                  "msg": f"String should match pattern '{KEY_ID_PATTERN}'", "input": shorten(key_id, 100)}]
+            )  # fmt: skip
         if key_id is not None and key_id not in key_ids:
             raise NotFoundError(f"No configured key has the id '{key_id}'.")
         return _usage_response(await limits.key_usage([key_id] if key_id else key_ids))
