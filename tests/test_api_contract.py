@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
 from ai_platform.app import create_app
+from ai_platform.operations import ResponseMeta
 from ai_platform.settings import Settings
 from ai_platform.testing import FakeEngine
 from support import ADMIN, ADMIN_KEY, CLASSIFY, CLIENT_KEY, ISO_UTC, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, assert_meta
@@ -203,6 +205,9 @@ async def test_every_endpoint_but_health_needs_a_key(
     assert r.json() == {"detail": "Invalid or missing API key."}
 
 
+BLANK = "String should have at least 1 non-whitespace character"
+
+
 @pytest.mark.parametrize(
     ("operation", "body", "kind", "loc", "msg"),
     [
@@ -231,6 +236,10 @@ async def test_every_endpoint_but_health_needs_a_key(
          "List should have at most 50 items after validation"),
         ("summarize", {**SUMMARIZE, "request_id": "x" * 129}, "string_too_long", ["body", "request_id"],
          "String should have at most 128 characters"),
+        # Whitespace only (issue 11 #3): nothing for the model to work on, refused before admission.
+        ("summarize", {**SUMMARIZE, "text": "   "}, "string_too_short", ["body", "text"], BLANK),
+        ("translate", {**TRANSLATE, "text": "\n\t \r\n"}, "string_too_short", ["body", "text"], BLANK),
+        ("classify", {**CLASSIFY, "text": "\u3000\xa0 \u2003"}, "string_too_short", ["body", "text"], BLANK),
     ],
 )  # fmt: skip
 async def test_validation_errors_use_the_seed_format(
@@ -388,3 +397,52 @@ async def test_plugin_bug_is_a_named_500_and_not_counted(env: dict[str, str]) ->
         assert r.json() == {"detail": "Operation 'summarize' failed."}
         usage = (await client.get("/limits/usage", headers=KEY)).json()["usage"]
         assert usage[0]["request_count"] == 0
+
+
+class AskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    question: str
+    context: str = ""
+
+
+class AskResponse(msgspec.Struct, kw_only=True):
+    answer: str
+    meta: ResponseMeta
+
+
+async def test_whitespace_only_input_is_refused_for_any_operation(env: dict[str, str]) -> None:
+    """The core refuses it for every operation, whichever field ``Operation.input_text`` names (issue 11 #3)."""
+    import types
+
+    from ai_platform import Completion, Generate, Limits, Message, Operation, hookimpl
+    from ai_platform.plugins import load_plugins
+
+    def respond(request: AskRequest, result: Completion, meta: ResponseMeta) -> AskResponse:
+        return AskResponse(answer=result.text, meta=meta)
+
+    ask = Operation(
+        name="ask",
+        summary="Answer a question.",
+        request_type=AskRequest,
+        response_type=AskResponse,
+        limits=Limits(max_input_chars=100, max_output_tokens=8),
+        prompt=lambda r: Generate(messages=[Message("user", f"{r.context}\n{r.question}")]),
+        respond=respond,
+        input_text=lambda r: r.question,
+    )
+    module = types.ModuleType("ask")
+    module.register_operations = hookimpl(lambda: [ask])  # type: ignore[attr-defined]
+    plugins = load_plugins(extra_plugins=[("ask", module)], use_entry_points=False)
+    engine = FakeEngine()
+    settings = Settings.from_mapping({**env, "DEFAULT_MODEL": "fake"})
+    async with AsyncTestClient(create_app(settings, plugins=plugins, engine=engine)) as client:
+        r = await client.post("/operations/ask", json={"question": " \n ", "context": "Some context."}, headers=KEY)
+        assert r.status_code == 422
+        assert r.json() == {
+            "error": "Request validation failed.",
+            "detail": [{"type": "string_too_short", "loc": ["body", "question"], "msg": BLANK, "input": " \n "}],
+        }
+        assert engine.calls == [] and engine.checks == []
+        r = await client.post("/operations/ask", json={"question": "Why?"}, headers=KEY)
+        assert r.status_code == 200
+        usage = (await client.get("/limits/usage", headers=KEY)).json()["usage"]
+        assert [(u["operation"], u["request_count"]) for u in usage] == [("ask", 1)]

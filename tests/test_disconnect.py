@@ -103,11 +103,6 @@ async def test_disconnect_cancels_generation_and_is_not_counted(env: dict[str, s
         assert reservations(env) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11 #1: a client that disconnects during admission stays counted (its admission "
-    "transaction commits after the request was cancelled, and nothing releases the reservation)",
-)
 async def test_disconnect_during_admission_takes_no_place(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     # The admission transaction waits (on the usage database's thread) until the client has hung up.
     in_admission, go_on, admission_done = threading.Event(), threading.Event(), threading.Event()
@@ -146,6 +141,22 @@ async def test_disconnect_during_admission_takes_no_place(env: dict[str, str], m
         await asyncio.to_thread(admission_done.wait, 10)
         await eventually(lambda: task.done() and not server.server_state.tasks)
         assert engine.calls == []  # it never reached the model
+        assert await request_counts(client) == {"summarize": 0, "translate": 0, "classify": 0}
+        assert reservations(env) == 0
+
+
+async def test_many_clients_hanging_up_at_once_take_no_place(env: dict[str, str]) -> None:
+    """The red team's run (issue 11 #1): clients send a request and hang up at once, so that the
+    cancellations land everywhere: before admission, during it, and in the model call."""
+    engine = FakeEngine(models=dict(SEED_MODELS), delay=60)  # none can finish: each one is a 499
+    async with live_server(create_app(Settings.from_mapping(env), engine=engine)) as (server, client):
+        for _ in range(3):
+            writers = await asyncio.gather(
+                *(send_and_hang_up_later(port_of(server), "/operations/summarize", SUMMARIZE) for _ in range(20))
+            )
+            for writer in writers:
+                writer.close()
+        await eventually(lambda: not server.server_state.tasks, seconds=30)
         assert await request_counts(client) == {"summarize": 0, "translate": 0, "classify": 0}
         assert reservations(env) == 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from ai_platform.usage.audit import AuditEntry, AuditTrail
 from ai_platform.usage.database import database
 from ai_platform.usage.limit_service import LimitService
 from ai_platform.usage.models import AuditRecord
-from support import ADMIN_KEY, CLIENT_KEY, KEY, SEED_MODELS, SUMMARIZE
+from support import ADMIN, ADMIN_KEY, CLIENT_KEY, KEY, SEED_MODELS, SUMMARIZE
 from test_disconnect import SlowForward, live_server, queue_depth, reservations, tiny_seed_env, until_depth
 
 pytestmark = pytest.mark.anyio
@@ -55,10 +56,15 @@ async def test_concurrent_requests_never_exceed_the_limit(env: dict[str, str]) -
         )
         statuses = sorted(r.status_code for r in responses)
         assert statuses == [200] * 10 + [429] * 40
-        rejected = next(r for r in responses if r.status_code == 429)
-        assert rejected.json() == {
-            "detail": "Daily limit exceeded for operation 'summarize': 10/10 requests used today."
-        }
+        # Each refusal says how many were used and how many were in progress then: 10 in all.
+        for rejected in (r for r in responses if r.status_code == 429):
+            detail = rejected.json()["detail"]
+            match = re.fullmatch(
+                r"Daily limit exceeded for operation 'summarize': (\d+)/10 requests used today(?:, (\d+) in progress)?\.",
+                detail,
+            )
+            assert match is not None, detail
+            assert int(match[1]) + int(match[2] or 0) == 10, detail
         usage = (await client.get("/limits/usage", headers={"X-API-Key": CLIENT_KEY})).json()["usage"]
         summarize = next(u for u in usage if u["operation"] == "summarize")
         assert (summarize["request_count"], summarize["remaining"]) == (10, 0)
@@ -67,6 +73,137 @@ async def test_concurrent_requests_never_exceed_the_limit(env: dict[str, str]) -
         )
         assert len(engine.calls) == 10  # refused requests never reached the model
         assert engine.most > 1, "the requests never overlapped: the test proves nothing about concurrency"
+
+
+# -- requests that cannot run take no place (issue 11 #2) ------------------------------------
+
+# Within summarize's 8000 characters, but over the fake model's context window (1000 characters).
+OVER_LONG = {**SUMMARIZE, "text": "Too long for the model. " * 80}
+ZEROS = {"summarize": 0, "translate": 0, "classify": 0}
+
+
+async def counts(client: Any) -> dict[str, int]:
+    usage = (await client.get("/limits/usage", headers=KEY)).json()["usage"]
+    return {u["operation"]: u["request_count"] for u in usage}
+
+
+async def test_over_long_requests_take_no_place(env: dict[str, str]) -> None:
+    """With 5 places left, 10 over-long and 10 valid concurrent requests: the 10 over-long are 422
+    without taking a place (the model's context window is checked before admission), 5 valid run."""
+    engine = FakeEngine(models=dict(SEED_MODELS), delay=0.2, max_prompt_chars=1000)
+    async with live_server(create_app(Settings.from_mapping(env), engine=engine)) as (_, client):
+        r = await client.put("/limits", json={"operation": "summarize", "daily_limit": 5}, headers=ADMIN)
+        assert r.status_code == 200
+        responses = await asyncio.gather(
+            *(client.post("/operations/summarize", json=OVER_LONG, headers=KEY) for _ in range(10)),
+            *(client.post("/operations/summarize", json=SUMMARIZE, headers=KEY) for _ in range(10)),
+        )
+        over_long, valid = responses[:10], responses[10:]
+        assert [r.status_code for r in over_long] == [422] * 10
+        [entry] = over_long[0].json()["detail"]
+        assert (entry["type"], entry["loc"]) == ("string_too_long", ["body", "text"])
+        assert entry["msg"].startswith("Input is too long for the model's context window")
+        assert sorted(r.status_code for r in valid) == [200] * 5 + [429] * 5
+        assert await counts(client) == {**ZEROS, "summarize": 5}
+        assert reservations(env) == 0
+        assert len(engine.calls) == 5  # only the admitted valid ones reached the model
+
+
+async def test_an_unloaded_model_is_refused_before_admission(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admitted: list[str] = []
+    admit = LimitService.admit
+
+    async def counting_admit(self: LimitService, operation: str, key_id: str) -> Any:
+        admitted.append(operation)
+        return await admit(self, operation, key_id)
+
+    monkeypatch.setattr(LimitService, "admit", counting_admit)
+    engine = FakeEngine(models=dict(SEED_MODELS), unavailable={"summarize"}, max_prompt_chars=1000)
+    async with AsyncTestClient(create_app(Settings.from_mapping(env), engine=engine)) as client:
+        r = await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)
+        assert r.status_code == 503 and "not loaded" in r.json()["detail"]
+        text = OVER_LONG["text"]
+        for operation, body in (
+            ("translate", {"text": text, "source_language": "en", "target_language": "fr"}),
+            ("classify", {"text": text, "categories": ["a", "b"]}),
+        ):
+            r = await client.post(f"/operations/{operation}", json=body, headers=KEY)
+            assert r.status_code == 422 and "context window" in r.json()["detail"][0]["msg"]
+        assert admitted == []
+        assert engine.calls == []
+        assert await counts(client) == ZEROS
+
+
+async def test_engines_without_check_are_still_served(env: dict[str, str]) -> None:
+    """``Engine.check`` is optional: an engine without it is asked nothing before admission."""
+
+    class NoCheck(FakeEngine):
+        check = None  # type: ignore[assignment]
+
+    engine = NoCheck(models=dict(SEED_MODELS))
+    async with AsyncTestClient(create_app(Settings.from_mapping(env), engine=engine)) as client:
+        assert (await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)).status_code == 200
+        assert await counts(client) == {**ZEROS, "summarize": 1}
+
+
+class FailsOnRequest(FakeEngine):
+    """A FakeEngine whose calls fail (a 500) when the prompt contains ``FAIL``."""
+
+    async def generate(self, operation: str, call: Any, *, max_output_tokens: int) -> Any:
+        completion = await super().generate(operation, call, max_output_tokens=max_output_tokens)
+        if "FAIL" in call.messages[-1].content:
+            raise RuntimeError("failed on purpose")
+        return completion
+
+
+async def test_a_429_tells_requests_used_from_those_in_progress(env: dict[str, str]) -> None:
+    """A 429's numbers are true: used (committed) today, and in progress (admitted, not settled)."""
+    engine = FailsOnRequest(models=dict(SEED_MODELS), delay=1.5)  # long enough to ask while they run
+    failing = {**SUMMARIZE, "text": "This one will FAIL."}
+    async with live_server(create_app(Settings.from_mapping(env), engine=engine)) as (_, client):
+        await client.put("/limits", json={"operation": "summarize", "daily_limit": 3}, headers=ADMIN)
+        assert (await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)).status_code == 200
+        succeeding = asyncio.ensure_future(client.post("/operations/summarize", json=SUMMARIZE, headers=KEY))
+        failed = asyncio.ensure_future(client.post("/operations/summarize", json=failing, headers=KEY))
+        async with asyncio.timeout(10):
+            while len(engine.calls) < 3:
+                await asyncio.sleep(0.005)
+        r = await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)
+        assert r.status_code == 429
+        assert r.json() == {
+            "detail": "Daily limit exceeded for operation 'summarize': 1/3 requests used today, 2 in progress."
+        }
+        assert r.headers["X-RateLimit-Remaining"] == "0"
+        assert [(await succeeding).status_code, (await failed).status_code] == [200, 500]
+        assert (await counts(client))["summarize"] == 2  # the failed one gave its place back
+        assert (await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)).status_code == 200
+        r = await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)
+        assert r.json() == {"detail": "Daily limit exceeded for operation 'summarize': 3/3 requests used today."}
+
+
+async def test_a_key_quota_429_tells_requests_used_from_those_in_progress(env: dict[str, str]) -> None:
+    engine = FakeEngine(models=dict(SEED_MODELS), delay=1.5)
+    async with live_server(create_app(Settings.from_mapping(env), engine=engine)) as (_, client):
+        key_id = (await client.get("/usage/keys/me", headers=KEY)).json()["usage"][0]["key_id"]
+        quota = {"key_id": key_id, "operation": "summarize", "daily_limit": 1}
+        assert (await client.put("/quotas", json=quota, headers=ADMIN)).status_code == 200
+        running = asyncio.ensure_future(client.post("/operations/summarize", json=SUMMARIZE, headers=KEY))
+        async with asyncio.timeout(10):
+            while not engine.calls:
+                await asyncio.sleep(0.005)
+        r = await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)
+        assert r.status_code == 429
+        assert r.json() == {
+            "detail": "Daily quota exceeded for this API key on operation 'summarize': "
+            "0/1 requests used today, 1 in progress."
+        }
+        assert (await running).status_code == 200
+        r = await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)
+        assert r.json() == {
+            "detail": "Daily quota exceeded for this API key on operation 'summarize': 1/1 requests used today."
+        }
 
 
 class _Clock:

@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from ai_platform.errors import ModelUnavailableError
+from ai_platform.errors import ModelUnavailableError, RequestValidationError
 from ai_platform.operations import Choice, Choose, Completion, Generate, Operation, ResponseMeta
 
 CLIENT_KEY = "test-client-key-0123456789"
@@ -49,6 +49,14 @@ class FakeEngine:
     options that occur in the last message. Set ``delay``, ``fail_with`` or
     ``unavailable`` to test the platform around slow, failing or missing models.
     ``calls`` records every ``(operation, model call)``.
+
+    ``max_prompt_chars`` stands in for the model's context window: a call whose
+    prompt (the messages' characters, plus the longest option of a ``Choose``)
+    is longer is refused with the runtime's 422 ("Input is too long for the
+    model's context window"), by ``check`` before admission and, like the
+    runtime, by ``generate``/``choose`` themselves (after ``delay``: a real
+    model tokenizes a queued request when its turn comes). ``checks`` records
+    every call ``check`` saw.
     """
 
     models: dict[str, str] = field(default_factory=dict)
@@ -59,6 +67,8 @@ class FakeEngine:
     calls: list[tuple[str, object]] = field(default_factory=list)
     started: bool = False
     cancelled: int = 0
+    max_prompt_chars: int | None = None
+    checks: list[tuple[str, object]] = field(default_factory=list)
 
     async def start(self) -> None:
         self.started = True
@@ -84,9 +94,37 @@ class FakeEngine:
     def model_name(self, operation: str) -> str:
         return self.models.get(operation, f"fake-{operation}")
 
-    async def _enter(self, operation: str, call: object) -> None:
+    def _unavailable(self, operation: str) -> None:
         if operation in self.unavailable:
             raise ModelUnavailableError(f"Model for operation '{operation}' is not loaded: missing")
+
+    def _fits(self, call: Generate | Choose) -> None:
+        if self.max_prompt_chars is None:
+            return
+        size = sum(len(m.content) for m in call.messages)
+        if isinstance(call, Choose):
+            size += max((len(option) for option in call.options), default=0)
+        if size > self.max_prompt_chars:
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "string_too_long",
+                        "loc": ["body", "text"],
+                        "msg": f"Input is too long for the model's context window "
+                        f"({size} characters; at most {self.max_prompt_chars}).",
+                        "input": None,
+                    }
+                ]
+            )
+
+    async def check(self, operation: str, call: Generate | Choose) -> None:
+        """What the orchestrator asks before admission: a loaded model, and a prompt that fits."""
+        self.checks.append((operation, call))
+        self._unavailable(operation)
+        self._fits(call)
+
+    async def _enter(self, operation: str, call: Generate | Choose) -> None:
+        self._unavailable(operation)
         self.calls.append((operation, call))
         if self.delay:
             try:
@@ -94,6 +132,7 @@ class FakeEngine:
             except asyncio.CancelledError:
                 self.cancelled += 1
                 raise
+        self._fits(call)
         if self.fail_with is not None:
             raise self.fail_with
 

@@ -1,9 +1,15 @@
 """Orchestration layer: model selection, limit enforcement, centralized error handling.
 
-One request flows: input limits (before any model work) → atomic admission
-against the daily limit → the plugin's prompt → the runtime → the plugin's
-response. A request is counted once if and only if it returns a response: its
-reservation is committed last, and given back if anything before fails.
+One request flows: its input checks (character limit, not blank) → the plugin's
+prompt → the engine's check that the model is loaded and the prompt fits its
+context window → atomic admission against the daily limit → the runtime → the
+plugin's response. Whatever can refuse a request is asked before admission, so a
+request that cannot run never holds a place in the limit, not even for a moment
+(issue 11). A request is counted once if and only if it returns a response: its
+reservation is committed last, and given back if anything before fails or the
+request is cancelled (its client hung up, it timed out), wherever the
+cancellation lands: ``LimitService`` runs admission and settlement to their end
+in tasks of their own, and gives back an admission whose caller was cancelled.
 
 "Returns a response" means its commit ran, which is the last thing before its 200
 is sent. A client that disconnects after that (while the 200 is on its way, or
@@ -20,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -28,14 +35,18 @@ from typing import Any, Protocol
 import msgspec
 
 from ai_platform.errors import OperationError, PlatformError, RequestTimeoutError, RequestValidationError
-from ai_platform.operations import Choice, Choose, Completion, Generate, Operation, ResponseMeta
+from ai_platform.operations import Choice, Choose, Completion, Generate, ModelCall, Operation, ResponseMeta
 from ai_platform.usage.limit_service import LimitService, RateLimit
 
 log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
-    """What the platform needs from the runtime (``ai_platform.runtime.engine.InferenceEngine``)."""
+    """What the platform needs from the runtime (``ai_platform.runtime.engine.InferenceEngine``).
+
+    An engine may also have ``check`` (:class:`CheckingEngine`): the orchestrator calls it,
+    if present, before admitting a request.
+    """
 
     async def start(self) -> None: ...
 
@@ -48,6 +59,25 @@ class Engine(Protocol):
     async def generate(self, operation: str, call: Generate, *, max_output_tokens: int) -> Completion: ...
 
     async def choose(self, operation: str, call: Choose) -> Choice: ...
+
+
+class CheckingEngine(Protocol):
+    """The optional part of :class:`Engine`: refuse, before admission, a call that cannot run.
+
+    ``check(operation, call)`` raises what ``generate``/``choose`` would raise for this
+    ``call`` without doing model work: :class:`~ai_platform.errors.RequestValidationError`
+    (the seed's 422: ``type`` ``string_too_long``, ``loc`` ``["body", "text"]``, ``msg``
+    "Input is too long for the model's context window (N tokens; at most M).") when the
+    prompt leaves no room for the answer (for ``Choose``: for its longest option), and
+    :class:`~ai_platform.errors.ModelUnavailableError` when the operation's model is not
+    loaded. It returns when the call may run (what it returns is ignored:
+    ``InferenceEngine`` returns the prompt's length in tokens). It must not wait for the
+    model's queue (tokenizing is enough) and may be called concurrently. An engine without
+    ``check`` is asked nothing: such a request is refused by ``generate``/``choose``
+    instead, after admission (it holds a place while it waits, and is then given it back).
+    """
+
+    async def check(self, operation: str, call: ModelCall) -> object: ...
 
 
 class ExecutionHooks(Protocol):
@@ -72,6 +102,21 @@ def iso_timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _input_loc(request: Any, text: str) -> list[str]:
+    """Where ``operation.input_text`` read ``text`` in the body, for a 422's ``loc``.
+
+    The request's top-level string field holding exactly ``text`` (``text`` for the
+    default ``input_text``), or the body itself if ``input_text`` composes it.
+    """
+    if isinstance(getattr(request, "text", None), str) and request.text == text:
+        return ["body", "text"]
+    if isinstance(request, msgspec.Struct):
+        for field in msgspec.structs.fields(request):
+            if getattr(request, field.name, None) == text:
+                return ["body", field.encode_name]
+    return ["body"]
+
+
 class OrchestrationService:
     def __init__(
         self,
@@ -93,16 +138,18 @@ class OrchestrationService:
     async def run(self, operation: Operation, request: Any, *, key_id: str) -> Outcome:  # type: ignore[type-arg]
         """Execute one validated request for the caller with key id ``key_id``."""
         started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self.timeout_seconds
+        # Everything that can refuse the request runs before it takes a place in the limit.
         input_text = self._plugin_step(operation, "input_text", operation.input_text, request)
-        self._check_input(operation, input_text)
+        self._check_input(operation, request, input_text)
         call = self._plugin_step(operation, "prompt", self.hooks.build_model_call, operation, request)
-        reservation = await self.limits.admit(operation.name, key_id)
+        self._check_call(operation, call)
+        async with self._deadline(deadline):
+            await self._check_with_engine(operation, call)
+        reservation = await self.limits.admit(operation.name, key_id)  # cancellation-safe
         try:
-            try:
-                async with asyncio.timeout(self.timeout_seconds):
-                    result = await self._call_model(operation, call)
-            except TimeoutError:
-                raise RequestTimeoutError(f"Request timed out after {self.timeout_seconds:g} seconds.") from None
+            async with self._deadline(deadline):
+                result = await self._call_model(operation, call)
             meta = ResponseMeta(
                 operation=operation.name,
                 model_used=self.engine.model_name(operation.name),
@@ -113,16 +160,28 @@ class OrchestrationService:
                 timestamp=iso_timestamp(self._clock()),
             )
             response = self._plugin_step(operation, "respond", self._respond, operation, request, result, meta)
+            # Runs to its end even if the request is cancelled meanwhile (then counted: README, "API").
             await self.limits.commit(reservation, tokens=result.output_tokens)
         except BaseException:
             # Failed, cancelled (client gone), timed out or not recorded: not a served request.
+            # (After a commit that a cancellation interrupted, this finds nothing left to give back.)
             await self.limits.release(reservation)
             raise
         return Outcome(response, result.output_tokens, reservation.rate_limit)
 
+    @asynccontextmanager
+    async def _deadline(self, deadline: float) -> AsyncIterator[None]:
+        """The request's timeout (``REQUEST_TIMEOUT_SECONDS`` from its start), as a 504."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                yield
+        except TimeoutError:
+            raise RequestTimeoutError(f"Request timed out after {self.timeout_seconds:g} seconds.") from None
+
     @staticmethod
-    def _check_input(operation: Operation, text: str) -> None:  # type: ignore[type-arg]
-        # The request schema normally enforces this already; this is the guarantee
+    def _check_input(operation: Operation, request: Any, text: str) -> None:  # type: ignore[type-arg]
+        """The input text's own limits, for every operation (whichever field ``input_text`` reads)."""
+        # The request schema normally enforces the length already; this is the guarantee
         # for plugins whose schema does not.
         limit = operation.limits.max_input_chars
         if len(text) > limit:
@@ -130,21 +189,49 @@ class OrchestrationService:
                 [
                     {
                         "type": "string_too_long",
-                        "loc": ["body", "text"],
+                        "loc": _input_loc(request, text),
                         "msg": f"String should have at most {limit} characters",
                         "input": text[:100] + "…",
                     }
                 ]
             )
+        if not text.strip():
+            # Nothing for the model to work on: it would answer anyway, inventing one.
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "string_too_short",
+                        "loc": _input_loc(request, text),
+                        "msg": "String should have at least 1 non-whitespace character",
+                        "input": text if len(text) <= 100 else text[:100] + "…",
+                    }
+                ]
+            )
 
-    async def _call_model(self, operation: Operation, call: Generate | Choose) -> Completion | Choice:  # type: ignore[type-arg]
+    @staticmethod
+    def _check_call(operation: Operation, call: object) -> None:  # type: ignore[type-arg]
+        """A model call the engine can run at all (a plugin bug otherwise: a 500, before admission)."""
+        if isinstance(call, Generate):
+            problem = None if call.messages else "a Generate call without messages"
+        elif isinstance(call, Choose):
+            problem = None if call.messages and call.options else "a Choose call without messages or options"
+        else:
+            raise OperationError(f"Operation '{operation.name}' built an unsupported model call.")
+        if problem is not None:
+            log.error("operation %r built %s", operation.name, problem)
+            raise OperationError(f"Operation '{operation.name}' failed.")
+
+    async def _check_with_engine(self, operation: Operation, call: ModelCall) -> None:  # type: ignore[type-arg]
+        check = getattr(self.engine, "check", None)
+        if check is not None:
+            await check(operation.name, call)
+
+    async def _call_model(self, operation: Operation, call: ModelCall) -> Completion | Choice:  # type: ignore[type-arg]
         if isinstance(call, Generate):
             limit = operation.limits.max_output_tokens
             wanted = min(call.max_output_tokens or limit, limit)
             return await self.engine.generate(operation.name, call, max_output_tokens=wanted)
-        if isinstance(call, Choose):
-            return await self.engine.choose(operation.name, call)
-        raise OperationError(f"Operation '{operation.name}' built an unsupported model call.")
+        return await self.engine.choose(operation.name, call)
 
     def _respond(self, operation: Operation, request: Any, result: Completion | Choice, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
         response = self.hooks.build_response(operation, request, result, meta)

@@ -12,17 +12,33 @@ quota rolls back the operation's increment too.
 A reservation is settled exactly once: whoever deletes its row (the request's
 commit or release, or the sweep of a dead process) adjusts the counters. So a
 request is counted iff it succeeded, even when its worker was killed.
+
+Cancellation (a client that hangs up, a timeout, a shutdown) never splits these
+steps: each transaction runs to its end in a task of its own, whatever happens
+to the request that asked for it, and an admission whose caller was cancelled
+meanwhile gives back what it took before the cancellation goes on (issue 11).
+Without that, a cancelled caller stopped waiting while its transaction committed
+on the database's thread anyway, and the place stayed taken until the lease ran
+out; and a queued release or commit that a second cancellation dropped was lost.
+
+A refusal (429) tells the truth at the moment of the check: how many requests
+were counted today (succeeded) and how many are in progress (admitted, not
+settled): "22/24 requests used today, 2 in progress." The in-progress ones take
+places until they settle, so either may end up counted or given back.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from typing import Any, TypeVar
 
 import psutil
 
@@ -34,6 +50,8 @@ from ai_platform.usage.models import DailyUsage, KeyDailyUsage, KeyQuota, Operat
 from ai_platform.usage.models import Reservation as ReservationRow
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def utc_now() -> datetime:
@@ -147,6 +165,8 @@ class LimitService:
         self._lease = timedelta(seconds=lease_seconds)
         self._clock = clock
         self._owner: Owner | None = None
+        # Admissions and settlements in flight, each in a task of its own (see ``_detached``).
+        self._settling: set[asyncio.Task[Any]] = set()
 
     # -- the limit day -----------------------------------------------------------------
 
@@ -233,9 +253,30 @@ class LimitService:
 
     # -- admission and settlement ------------------------------------------------------
 
-    @translate_errors
     async def admit(self, operation: str, key_id: str) -> Reservation:
-        """Reserve one request of today's allowance or raise :class:`LimitExceededError`."""
+        """Reserve one request of today's allowance or raise :class:`LimitExceededError`.
+
+        Safe to cancel at any moment: if the caller is cancelled while the admission
+        waits for the database, runs there, or has just committed, what it took is
+        given back before the cancellation reaches the caller (and, cancelled again
+        meanwhile, still given back, by the admission's own task).
+        """
+        admitting = self._detached(self._admit(operation, key_id))
+        try:
+            return await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            await self._outlive(self._detached(self._give_back_if_admitted(admitting)))
+            raise
+
+    async def _give_back_if_admitted(self, admitting: asyncio.Task[Reservation]) -> None:
+        try:
+            reservation = await admitting
+        except BaseException:
+            return  # refused or failed: it took nothing
+        await self._release(reservation)
+
+    @translate_errors
+    async def _admit(self, operation: str, key_id: str) -> Reservation:
         try:
             return await self._reserve(operation, key_id)
         except LimitExceededError:
@@ -257,7 +298,10 @@ class LimitService:
                 detail = f"Daily quota exceeded for this API key on operation '{operation}': "
             else:
                 detail = f"Daily limit exceeded for operation '{operation}': "
-            raise self._exceeded(f"{detail}{result.used}/{result.limit} requests used today.", result.limit)
+            detail += f"{result.done}/{result.limit} requests used today"
+            if result.in_progress:
+                detail += f", {result.in_progress} in progress"
+            raise self._exceeded(f"{detail}.", result.limit)
         taken, key_taken = result.operation, result.key
         assert taken.limit is not None  # the operation's limit always has a value
         candidates = [(taken.limit, taken.limit - taken.used)]
@@ -271,21 +315,61 @@ class LimitService:
         rate = RateLimit(limit, 0, self.seconds_until_reset())
         return LimitExceededError(detail, headers={**rate.headers(), "Retry-After": str(rate.reset_seconds)})
 
-    @translate_errors
     async def commit(self, reservation: Reservation, *, tokens: int) -> None:
-        """The request succeeded: keep its count and add its tokens."""
+        """The request succeeded: keep its count and add its tokens.
+
+        Once called it runs to its end even if the caller is cancelled meanwhile: the
+        request is then counted although its client is gone (the window README.md
+        documents), never half-settled or dropped from the database thread's queue.
+        """
+        await self._to_the_end(self._commit(reservation, tokens))
+
+    @translate_errors
+    async def _commit(self, reservation: Reservation, tokens: int) -> None:
         r = reservation
         if not await transactions().run(statements.settlement(r.id, r.operation, r.key_id, r.day, tokens=tokens)):
             log.warning("reservation %d was swept before it committed; counted it again", r.id)
 
     async def release(self, reservation: Reservation) -> None:
-        """The request failed: give its reservation back. Never raises (the request's own error matters)."""
+        """The request failed: give its reservation back.
+
+        Never raises but the caller's own cancellation (the request's own error matters);
+        runs to its end even if the caller is cancelled meanwhile. A release after the
+        reservation was settled (committed, released or swept) changes nothing.
+        """
+        await self._to_the_end(self._release(reservation))
+
+    async def _release(self, reservation: Reservation) -> None:
         try:
             await self._give_back(reservation.id, reservation.operation, reservation.key_id, reservation.day)
         except DatabaseUnavailableError:
             log.warning("could not release reservation %d now; the sweep will", reservation.id)
         except Exception:
             log.exception("could not release reservation %d; the sweep will", reservation.id)
+
+    # -- work that the caller's cancellation must not cut short ------------------------
+
+    def _detached(self, work: Awaitable[T]) -> asyncio.Task[T]:
+        """``work`` in a task of its own, kept referenced until it ends."""
+        task = asyncio.ensure_future(work)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return task
+
+    async def _to_the_end(self, work: Awaitable[T]) -> T:
+        """Await ``work``, which a cancellation of the caller does not stop: the caller waits for it, then is cancelled."""
+        task = self._detached(work)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await self._outlive(task)
+            raise
+
+    @staticmethod
+    async def _outlive(task: asyncio.Task[Any]) -> None:
+        """During a cancellation: wait for ``task`` to end; cancelled again, leave it to end alone."""
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(task)
 
     @translate_errors
     async def _give_back(self, row_id: int, operation: str, key_id: str, day: date) -> bool:

@@ -61,7 +61,10 @@ _FULL = """
            COALESCE((SELECT l.daily_limit FROM operation_limit AS l WHERE l.operation = ?), ?) AS daily_limit,
            COALESCE((SELECT k.request_count FROM key_daily_usage AS k
                      WHERE k.key_id = ? AND k.operation = ? AND k.day = ?), 0) AS key_used,
-           (SELECT q.daily_limit FROM key_quota AS q WHERE q.key_id = ? AND q.operation = ?) AS key_limit"""
+           (SELECT q.daily_limit FROM key_quota AS q WHERE q.key_id = ? AND q.operation = ?) AS key_limit,
+           (SELECT COUNT(*) FROM reservation AS r WHERE r.operation = ? AND r.day = ?) AS in_progress,
+           (SELECT COUNT(*) FROM reservation AS r
+            WHERE r.key_id = ? AND r.operation = ? AND r.day = ?) AS key_in_progress"""
 _RESERVE = """
     INSERT INTO reservation (operation, key_id, day, host, pid, process_started, expires_at)
     VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id"""
@@ -98,8 +101,14 @@ class Refused(NamedTuple):
     """Nothing was taken (the transaction is rolled back); the counts and limits for the message."""
 
     key_quota: bool  # the key's quota was full (else the operation's limit)
-    used: int
+    used: int  # places taken on the full counter: requests counted today plus those in progress
     limit: int
+    in_progress: int  # of ``used``: admitted requests not settled yet (their reservation rows)
+
+    @property
+    def done(self) -> int:
+        """Requests counted today (succeeded), without those still in progress."""
+        return max(self.used - self.in_progress, 0)
 
 
 def admission(
@@ -123,10 +132,11 @@ def admission(
         key_where = (key_id, operation, day, key_id, operation, key_id, operation)
         key_taken = yield from _take("key", key_where, row=(key_id, operation, day))
     if taken is None or key_taken is None:
-        [full] = yield _FULL, (operation, day, operation, default_limit, key_id, operation, day, key_id, operation)
+        counts = (operation, day, operation, default_limit, key_id, operation, day, key_id, operation)
+        [full] = yield _FULL, (*counts, operation, day, key_id, operation, day)
         if taken is None:
-            return Refused(False, full["used"], full["daily_limit"])
-        return Refused(True, full["key_used"], full["key_limit"])
+            return Refused(False, full["used"], full["daily_limit"], full["in_progress"])
+        return Refused(True, full["key_used"], full["key_limit"], full["key_in_progress"])
     [row] = yield _RESERVE, (operation, key_id, day, *owner, expires_at)
     return Admitted(int(row["id"]), taken, key_taken)
 
