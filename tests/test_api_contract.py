@@ -100,10 +100,10 @@ async def test_limits(client: AsyncTestClient) -> None:  # type: ignore[type-arg
     r = await client.get("/limits", headers=KEY)
     assert r.status_code == 200
     assert sorted(r.json()["limits"], key=lambda x: x["operation"]) == [
-        {"operation": "classify", "daily_limit": 1000, "max_input_chars": 2000, "max_output_tokens": 64},
-        {"operation": "summarize", "daily_limit": 1000, "max_input_chars": 8000, "max_output_tokens": 512},
-        {"operation": "translate", "daily_limit": 1000, "max_input_chars": 4000, "max_output_tokens": 512},
-    ]
+        {"operation": "classify", "daily_limit": 1000, "max_input_chars": 2000, "max_output_tokens": 64, "max_input_tokens": 3072},
+        {"operation": "summarize", "daily_limit": 1000, "max_input_chars": 8000, "max_output_tokens": 512, "max_input_tokens": 4096},
+        {"operation": "translate", "daily_limit": 1000, "max_input_chars": 4000, "max_output_tokens": 512, "max_input_tokens": 2048},
+    ]  # fmt: skip
 
 
 async def test_put_limits_needs_admin_key(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
@@ -117,7 +117,10 @@ async def test_put_limits_needs_admin_key(client: AsyncTestClient) -> None:  # t
 
     r = await client.put("/limits", json=body, headers=ADMIN)
     assert r.status_code == 200
-    assert r.json() == {"operation": "summarize", "daily_limit": 500, "max_input_chars": 8000, "max_output_tokens": 512}
+    assert r.json() == {
+        "operation": "summarize", "daily_limit": 500, "max_input_chars": 8000, "max_output_tokens": 512,
+        "max_input_tokens": 4096,
+    }  # fmt: skip
     limits = {x["operation"]: x["daily_limit"] for x in (await client.get("/limits", headers=KEY)).json()["limits"]}
     assert limits == {"summarize": 500, "translate": 1000, "classify": 1000}
 

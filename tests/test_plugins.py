@@ -270,6 +270,7 @@ async def test_get_operations_and_admin_only_get_plugins(platform_client: Any) -
                 "model": "fake-classify",
                 "max_input_chars": 2000,
                 "max_output_tokens": 64,
+                "max_input_tokens": 3072,
                 "schema": "/schema/openapi.json#/paths/~1operations~1classify/post",
             }
         ]

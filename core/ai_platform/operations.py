@@ -53,11 +53,15 @@ class Limits:
 
     ``daily_limit`` is the default number of requests per day; ``None`` means
     the ``DEFAULT_DAILY_LIMIT`` setting. Admins override it with ``PUT /limits``.
+    ``max_input_tokens`` caps the prompt the operation builds, in the serving model's
+    tokens, checked before admission (characters alone do not bound the work: 2,000 emoji
+    are ~6,000 tokens); ``None`` leaves only the model's context window.
     """
 
     max_input_chars: int
     max_output_tokens: int
     daily_limit: int | None = None
+    max_input_tokens: int | None = None
 
 
 @dataclass(frozen=True)

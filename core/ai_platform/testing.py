@@ -117,11 +117,15 @@ class FakeEngine:
                 ]
             )
 
-    async def check(self, operation: str, call: Generate | Choose) -> None:
-        """What the orchestrator asks before admission: a loaded model, and a prompt that fits."""
+    async def check(self, operation: str, call: Generate | Choose) -> int:
+        """What the orchestrator asks before admission: a loaded model, and a prompt that fits.
+
+        Returns the prompt's "tokens": one per character of its messages.
+        """
         self.checks.append((operation, call))
         self._unavailable(operation)
         self._fits(call)
+        return sum(len(message.content) for message in call.messages)
 
     async def _enter(self, operation: str, call: Generate | Choose) -> None:
         self._unavailable(operation)

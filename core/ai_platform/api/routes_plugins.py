@@ -24,6 +24,7 @@ def introspection_routes(plugins: LoadedPlugins, engine: Engine) -> list[HTTPRou
                     model=engine.model_name(op.name),
                     max_input_chars=op.limits.max_input_chars,
                     max_output_tokens=op.limits.max_output_tokens,
+                    max_input_tokens=op.limits.max_input_tokens,
                     # JSON pointer into the OpenAPI document: the route with both of its schemas.
                     schema=f"/schema/openapi.json#/paths/~1operations~1{op.name}/post",
                 )

@@ -51,6 +51,7 @@ def _limit_entry(info: LimitInfo) -> LimitEntry:
         daily_limit=info.daily_limit,
         max_input_chars=info.max_input_chars,
         max_output_tokens=info.max_output_tokens,
+        max_input_tokens=info.max_input_tokens,
     )
 
 

@@ -12,6 +12,7 @@ class LimitEntry(msgspec.Struct, kw_only=True):
     daily_limit: int
     max_input_chars: int
     max_output_tokens: int
+    max_input_tokens: int | None  # the prompt, in the model's tokens; None: the model's context window
 
 
 class LimitsResponse(msgspec.Struct, kw_only=True):
@@ -73,6 +74,7 @@ class OperationEntry(msgspec.Struct, kw_only=True):
     model: str
     max_input_chars: int
     max_output_tokens: int
+    max_input_tokens: int | None
     schema: str
 
 

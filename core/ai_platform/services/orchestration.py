@@ -70,14 +70,14 @@ class CheckingEngine(Protocol):
     "Input is too long for the model's context window (N tokens; at most M).") when the
     prompt leaves no room for the answer (for ``Choose``: for its longest option), and
     :class:`~ai_platform.errors.ModelUnavailableError` when the operation's model is not
-    loaded. It returns when the call may run (what it returns is ignored:
-    ``InferenceEngine`` returns the prompt's length in tokens). It must not wait for the
+    loaded. It returns the prompt's length in tokens when the call may run (checked
+    against ``Limits.max_input_tokens``; ``None`` if the engine cannot count). It must not wait for the
     model's queue (tokenizing is enough) and may be called concurrently. An engine without
     ``check`` is asked nothing: such a request is refused by ``generate``/``choose``
     instead, after admission (it holds a place while it waits, and is then given it back).
     """
 
-    async def check(self, operation: str, call: ModelCall) -> object: ...
+    async def check(self, operation: str, call: ModelCall) -> int | None: ...
 
 
 class ExecutionHooks(Protocol):
@@ -145,7 +145,7 @@ class OrchestrationService:
         call = self._plugin_step(operation, "prompt", self.hooks.build_model_call, operation, request)
         self._check_call(operation, call)
         async with self._deadline(deadline):
-            await self._check_with_engine(operation, call)
+            await self._check_with_engine(operation, call, _input_loc(request, input_text))
         reservation = await self.limits.admit(operation.name, key_id)  # cancellation-safe
         try:
             async with self._deadline(deadline):
@@ -221,10 +221,25 @@ class OrchestrationService:
             log.error("operation %r built %s", operation.name, problem)
             raise OperationError(f"Operation '{operation.name}' failed.")
 
-    async def _check_with_engine(self, operation: Operation, call: ModelCall) -> None:  # type: ignore[type-arg]
+    async def _check_with_engine(self, operation: Operation, call: ModelCall, loc: list[str]) -> None:  # type: ignore[type-arg]
+        """The engine's own check, then the operation's token limit on the prompt it counted."""
         check = getattr(self.engine, "check", None)
-        if check is not None:
-            await check(operation.name, call)
+        if check is None:
+            return
+        tokens = await check(operation.name, call)
+        limit = operation.limits.max_input_tokens
+        if limit is not None and isinstance(tokens, int) and tokens > limit:
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "string_too_long",
+                        "loc": loc,
+                        "msg": f"Input is too long for operation '{operation.name}': its prompt is {tokens} "
+                        f"tokens; at most {limit}.",
+                        "input": None,
+                    }
+                ]
+            )
 
     async def _call_model(self, operation: Operation, call: ModelCall) -> Completion | Choice:  # type: ignore[type-arg]
         if isinstance(call, Generate):

@@ -64,6 +64,7 @@ class LimitInfo:
     daily_limit: int
     max_input_chars: int
     max_output_tokens: int
+    max_input_tokens: int | None
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ class LimitService:
 
     def _info(self, name: str, daily_limit: int) -> LimitInfo:
         limits = self._operations[name].limits
-        return LimitInfo(name, daily_limit, limits.max_input_chars, limits.max_output_tokens)
+        return LimitInfo(name, daily_limit, limits.max_input_chars, limits.max_output_tokens, limits.max_input_tokens)
 
     @translate_errors
     async def set_daily_limit(self, operation: str, daily_limit: int) -> LimitInfo:

@@ -15,6 +15,9 @@ import msgspec
 from ai_platform import Choice, Choose, Limits, Message, Operation, RequestId, ResponseMeta, hookimpl
 
 MAX_INPUT_CHARS = 2000
+# Prompt tokens (text, up to 50 categories and the instructions): room for the longest English
+# requests, while dense scripts and symbol runs (2,000 emoji: ~6,000 tokens) meet it first.
+MAX_INPUT_TOKENS = 3072
 MAX_OUTPUT_TOKENS = 64
 MAX_CATEGORIES = 50
 
@@ -62,7 +65,9 @@ OPERATION = Operation(
     summary="Classify text into exactly one of the given categories, with a score for each.",
     request_type=ClassifyRequest,
     response_type=ClassifyResponse,
-    limits=Limits(max_input_chars=MAX_INPUT_CHARS, max_output_tokens=MAX_OUTPUT_TOKENS),
+    limits=Limits(
+        max_input_chars=MAX_INPUT_CHARS, max_output_tokens=MAX_OUTPUT_TOKENS, max_input_tokens=MAX_INPUT_TOKENS
+    ),
     prompt=prompt,
     respond=respond,
 )

@@ -21,6 +21,9 @@ from ai_platform import (
 from ai_platform.languages import language_name
 
 MAX_INPUT_CHARS = 8000
+# Prompt tokens (text and instructions): about twice what MAX_INPUT_CHARS of English make, so
+# only dense scripts and symbol runs (emoji: ~3 tokens each) meet it before the character limit.
+MAX_INPUT_TOKENS = 4096
 MAX_OUTPUT_TOKENS = 512
 
 # A sentence ends at . ! ? (or their CJK/Arabic forms) followed by whitespace or the end.
@@ -74,7 +77,9 @@ OPERATION = Operation(
     summary="Summarize text in at most max_sentences sentences.",
     request_type=SummarizeRequest,
     response_type=SummarizeResponse,
-    limits=Limits(max_input_chars=MAX_INPUT_CHARS, max_output_tokens=MAX_OUTPUT_TOKENS),
+    limits=Limits(
+        max_input_chars=MAX_INPUT_CHARS, max_output_tokens=MAX_OUTPUT_TOKENS, max_input_tokens=MAX_INPUT_TOKENS
+    ),
     prompt=prompt,
     respond=respond,
 )

@@ -20,6 +20,9 @@ from ai_platform import (
 from ai_platform.languages import language_name
 
 MAX_INPUT_CHARS = 4000
+# Prompt tokens (text and instructions): about twice what MAX_INPUT_CHARS of English make, so
+# only dense scripts and symbol runs (emoji: ~3 tokens each) meet it before the character limit.
+MAX_INPUT_TOKENS = 2048
 MAX_OUTPUT_TOKENS = 512
 
 
@@ -65,7 +68,9 @@ OPERATION = Operation(
     summary="Translate text from source_language to target_language.",
     request_type=TranslateRequest,
     response_type=TranslateResponse,
-    limits=Limits(max_input_chars=MAX_INPUT_CHARS, max_output_tokens=MAX_OUTPUT_TOKENS),
+    limits=Limits(
+        max_input_chars=MAX_INPUT_CHARS, max_output_tokens=MAX_OUTPUT_TOKENS, max_input_tokens=MAX_INPUT_TOKENS
+    ),
     prompt=prompt,
     respond=respond,
 )
