@@ -91,7 +91,14 @@ class PlatformPlugin(InitPluginProtocol):
         app_config.route_handlers.append(metrics_route(self.metrics, self.settings.metrics_access))
 
     def _configure_security(self, app_config: AppConfig) -> None:
-        app_config.middleware.extend([AuditMiddleware(self.metrics, self.audit), api_key_middleware(self.keyring)])
+        # The audit middleware wraps the whole app instead (audited(), called by create_app): route
+        # middleware never sees requests that no route matches.
+        app_config.middleware.append(api_key_middleware(self.keyring))
+
+    def audited(self, app: Litestar) -> Litestar:
+        """``app`` with every HTTP request audited and counted, 404s and 405s from the router included."""
+        app.asgi_handler = AuditMiddleware(app.asgi_handler, self.metrics, self.audit, self.keyring)
+        return app
 
     def _configure_errors(self, app_config: AppConfig) -> None:
         app_config.exception_handlers.update(EXCEPTION_HANDLERS)
@@ -155,8 +162,9 @@ def create_app(
             prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
             isolation=settings.model_isolation,
         )
-    return Litestar(
-        plugins=[PlatformPlugin(settings, plugins, engine)],
+    platform = PlatformPlugin(settings, plugins, engine)
+    app = Litestar(
+        plugins=[platform],
         logging_config=logging_config(
             settings.log_level,
             settings.log_dir,
@@ -166,3 +174,4 @@ def create_app(
         request_max_body_size=MAX_BODY_BYTES,
         debug=debug,
     )
+    return platform.audited(app)

@@ -7,6 +7,10 @@ renames the file while the others keep writing into the renamed one (or rotate i
 again), and lines land in the wrong file, get overwritten or vanish with a deleted
 backup. :class:`SharedRotatingFileHandler` is the same handler made safe across
 processes, with the same files and settings, so nothing changes for an admin.
+
+Every handler formats with :class:`SafeFormatter`: one record is one line, whatever a
+client put into a logged value (a path with ``%0a``, a terminal escape), and query
+strings never reach the log (an API key sent as ``?api_key=...``).
 """
 
 from __future__ import annotations
@@ -15,14 +19,85 @@ import fcntl
 import logging
 import logging.handlers
 import os
+import re
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from litestar.logging.config import LoggingConfig
 
 LOG_FILE_NAME = "platform.log"
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUP_COUNT = 5
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+REDACTED_QUERY = "?[redacted]"
+
+# Whatever could end a line, or move or restyle a terminal's cursor, when printed: C0 controls (line feed,
+# carriage return, escape …), DEL, C1 controls (NEL, CSI …), the Unicode line and paragraph separators, and
+# the bidirectional overrides that reorder what a reader sees. The backslash too, so the escaping is reversible.
+_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]")
+_NAMED = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape(text: str) -> str:
+    """``text`` with every control character, line separator and backslash escaped (``\\n``, ``\\x1b``, ``\\u2028``)."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def redact_query(path_with_query: str) -> str:
+    """A request target without its query string: ``/limits?api_key=secret`` → ``/limits?[redacted]``."""
+    path, mark, _ = path_with_query.partition("?")
+    return path + REDACTED_QUERY if mark else path
+
+
+class SafeFormatter(logging.Formatter):
+    """A formatter that keeps every record on one line and keeps query strings out of the log.
+
+    - The record's line (time, level, logger, message) has every control character and
+      line separator escaped (:func:`escape`), so no value a client controls (a
+      percent-decoded path, a header, a body field in an error message) can start a
+      line of its own, forge another record or send escape sequences to a terminal.
+    - A traceback or stack, the only text allowed on further lines, has each of its
+      lines indented and escaped, so no continuation line can pass for a record either:
+      every record starts at column 0 with its timestamp, and only it does.
+    - uvicorn's access (and WebSocket) lines lose the request's query string
+      (``?[redacted]``): clients put keys and tokens there, e.g. ``?api_key=...``.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = self._message(record)
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = escape(self.formatMessage(record))
+        # Not cached on the record (record.exc_text): another handler's formatter must not get our layout.
+        if record.exc_info:
+            text += self._block(self.formatException(record.exc_info))
+        elif record.exc_text:
+            text += self._block(record.exc_text)
+        if record.stack_info:
+            text += self._block(self.formatStack(record.stack_info))
+        return text
+
+    @staticmethod
+    def _message(record: logging.LogRecord) -> str:
+        args: Any = record.args
+        if record.name.startswith("uvicorn.") and isinstance(args, tuple):
+            # uvicorn's access lines, '%s - "%s %s HTTP/%s" %d' (and its WebSocket lines, on uvicorn.error),
+            # take the request target, path and query string, as one argument.
+            redacted = tuple(redact_query(a) if isinstance(a, str) and a.startswith("/") else a for a in args)
+            if redacted != args:
+                return str(record.msg) % redacted
+        return record.getMessage()
+
+    @staticmethod
+    def _block(text: str) -> str:
+        return "".join("\n  " + escape(line) for line in text.rstrip("\n").split("\n"))
 
 
 class SharedRotatingFileHandler(logging.handlers.RotatingFileHandler):
@@ -122,7 +197,8 @@ def logging_config(
     log_dir.mkdir(parents=True, exist_ok=True)
     return LoggingConfig(
         root={"level": level, "handlers": ["console", "file"]},
-        formatters={"standard": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+        # Every handler (and so every logger: the app's, Litestar's, uvicorn's access and error logs) uses it.
+        formatters={"standard": {"class": "ai_platform.logging_config.SafeFormatter", "format": LOG_FORMAT}},
         handlers={
             "console": {"class": "logging.StreamHandler", "formatter": "standard"},
             "file": {
@@ -134,7 +210,11 @@ def logging_config(
                 "encoding": "utf-8",
             },
         },
-        loggers={"ai_platform": {"level": level, "propagate": True}},
+        loggers={
+            "ai_platform": {"level": level, "propagate": True},
+            # Litestar's own logger writes the same handlers (by default it has a console of its own).
+            "litestar": {"level": level, "handlers": ["console", "file"], "propagate": False},
+        },
         log_exceptions="debug",
         configure_root_logger=True,
     )

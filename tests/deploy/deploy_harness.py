@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,15 @@ def substitute(text: str, old: str, new: str) -> str:
 
 
 def main_config(folder: Path, site: Path) -> Path:
-    """The distribution's own nginx.conf, including ``site`` as sites-enabled/ would, logs in ``folder``."""
+    """The distribution's own nginx.conf, including ``site`` as sites-enabled/ would, logs in ``folder``.
+
+    The site's own logs (``/var/log/nginx/...``) go to ``folder`` too: ``site`` is included as a copy
+    with only those paths changed, so that tests neither need nor touch the system's log folder.
+    """
+    site_text = site.read_text()
+    if "/var/log/nginx/" in site_text:
+        site = folder / f"included-{site.name}"
+        site.write_text(site_text.replace("/var/log/nginx/", f"{folder}/"))
     text = distro_nginx_conf().read_text()
     text = re.sub(r"(?m)^pid .*$", f"pid {folder}/nginx.pid;", text)
     text = re.sub(r"(?m)^(\s*)error_log .*$", rf"\1error_log {folder}/error.log;", text)
@@ -108,13 +116,25 @@ def running_nginx(config: Path, port: int) -> Iterator[None]:
 
 
 @contextmanager
-def running_server(env: dict[str, str], cwd: Path, port: int, cli: Path | None = None) -> Iterator[None]:
-    """``ai-platform serve`` in its own process, as systemd runs it."""
+def running_server(
+    env: dict[str, str], cwd: Path, port: int, cli: Path | None = None, console: Path | None = None
+) -> Iterator[None]:
+    """``ai-platform serve`` in its own process, as systemd runs it; its console (journald's copy) into ``console``."""
     cli = cli or Path(sys.executable).parent / "ai-platform"
-    with _running(
-        [str(cli), "serve"], port, "ai-platform serve", env={**os.environ, **env, "PORT": str(port)}, cwd=cwd
-    ):
-        yield
+    with ExitStack() as stack:
+        output: dict[str, Any] = {}
+        if console is not None:
+            sink = stack.enter_context(console.open("ab"))
+            output = {"stdout": sink, "stderr": subprocess.STDOUT}
+        with _running(
+            [str(cli), "serve"],
+            port,
+            "ai-platform serve",
+            env={**os.environ, **env, "PORT": str(port)},
+            cwd=cwd,
+            **output,
+        ):
+            yield
 
 
 @contextmanager
@@ -164,3 +184,23 @@ class Https:
     ) -> tuple[int, object]:
         status, _, content = self.request(method, path, body, headers)
         return status, json.loads(content)
+
+
+def plain_request(port: int, method: str, target: str, headers: dict[str, str] | None = None) -> int:
+    """One request straight to the app (no nginx), ``target`` sent exactly as given; the response's status."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(method, target, headers=headers or {})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def wait_until(condition: Any, what: str, timeout: float = 10) -> None:
+    """Poll ``condition()`` until it is true (log lines and audit rows are written just after the response)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

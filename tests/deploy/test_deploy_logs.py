@@ -7,15 +7,19 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import pytest
+from deploy_harness import free_port, plain_request, running_server, wait_until
 from litestar.testing import AsyncTestClient
 
 from ai_platform.app import create_app
-from ai_platform.logging_config import SharedRotatingFileHandler
+from ai_platform.logging_config import SharedRotatingFileHandler, logging_config
 from ai_platform.settings import Settings
-from ai_platform.testing import FakeEngine
+from ai_platform.testing import FakeEngine, platform_env
+from log_checks import FORGED_LINE, FORGING_PATHS, assert_one_record_per_line, audit_lines
 from support import ADMIN_KEY, CLIENT_KEY, KEY, SEED_MODELS, SUMMARIZE
 
 pytestmark = pytest.mark.anyio
@@ -117,3 +121,87 @@ def test_with_rotation_off_the_file_follows_an_external_rotation(tmp_path: Path)
         handler.close()
     assert (tmp_path / "platform.log.1").read_text() == "one\n"
     assert (tmp_path / "platform.log").read_text() == "two" * 5000 + "\nthree\n"  # never rotated by size
+
+
+# Issue 11, items 5 and 7: one record is one line whatever a client sends, and no query string in the log.
+
+
+def test_every_logger_writes_one_line_per_record_with_tracebacks_indented(tmp_path: Path) -> None:
+    """The app's loggers, Litestar's and uvicorn's all go through the same escaping formatter."""
+    logging_config("INFO", tmp_path).configure()
+    hostile = "x\n" + FORGED_LINE + "\r\x1b[2J\x85\u2028\u202e\\n"
+    for name in ("ai_platform.audit", "litestar", "uvicorn.error", "some.library"):
+        logging.getLogger(name).warning("value=%s", hostile)
+    try:
+        raise ValueError(hostile)
+    except ValueError:
+        logging.getLogger("ai_platform.services").exception("failed: %s", hostile)
+    logging.getLogger("uvicorn.access").info(
+        '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", f"/limits?api_key={CLIENT_KEY}&x=1", "1.1", 403
+    )
+    logging.getLogger("uvicorn.error").info('%s - "WebSocket %s" 403', "127.0.0.1:5001", f"/ws?token={CLIENT_KEY}")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    text = (tmp_path / "platform.log").read_bytes()
+    lines = assert_one_record_per_line(text)
+    escaped = "x\\n" + FORGED_LINE + "\\r\\x1b[2J\\x85\\u2028\\u202e\\\\n"  # reversible: the backslash too
+    assert [line.split(": ", 1)[1] for line in lines[:4]] == [f"value={escaped}"] * 4
+    assert lines[4].endswith(f"ERROR ai_platform.services: failed: {escaped}")
+    # A traceback is the one thing on further lines: each of them indented (a record starts at column 0), and
+    # escaped but for the line breaks of the exception's message, which Python formats as lines of their own.
+    assert lines[5] == "  Traceback (most recent call last):"
+    assert lines[-4:-2] == ["  ValueError: x", "  " + escaped.removeprefix("x\\n")]
+    assert lines[-2].endswith('INFO uvicorn.access: 127.0.0.1:5000 - "GET /limits?[redacted] HTTP/1.1" 403')
+    assert lines[-1].endswith('INFO uvicorn.error: 127.0.0.1:5001 - "WebSocket /ws?[redacted]" 403')
+    assert CLIENT_KEY.encode() not in text
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[tuple[int, Path]]:
+    """The real ``ai-platform serve`` (uvicorn, its logging as the command sets it up), on the tiny model."""
+    folder = tmp_path_factory.mktemp("served")
+    models = folder / "models"
+    models.mkdir()
+    (models / "tiny").symlink_to(tiny_model_dir, target_is_directory=True)
+    env = platform_env(
+        folder, MODELS_DIR=str(models), DEFAULT_MODEL="tiny", OPERATION_MODEL_MAP="{}", ENABLED_PLUGINS="summarize"
+    )
+    port = free_port()
+    with running_server(env, folder, port, console=folder / "console.log"):
+        yield port, folder
+
+
+@pytest.mark.slow
+def test_real_server_logs_neither_forged_lines_nor_query_strings(served: tuple[int, Path]) -> None:
+    port, folder = served
+    requests = [("POST", path, {}) for path in FORGING_PATHS]
+    requests += [
+        ("GET", f"/limits?api_key={CLIENT_KEY}", {}),  # a key in the query string: refused, and never logged
+        ("GET", f"/limits?x=%0a{quote(FORGED_LINE)}&token={ADMIN_KEY}", KEY),
+        ("GET", "/", {}),
+        ("TRACE", "/health", {}),  # nginx refuses TRACE itself: only here does it reach the app
+        ("PATCH", "/limits", KEY),
+    ]
+    statuses = [plain_request(port, method, target, headers) for method, target, headers in requests]
+    assert statuses[len(FORGING_PATHS) :] == [403, 200, 404, 405, 405]
+    log_file, console = folder / "logs" / "platform.log", folder / "console.log"
+    for output in (log_file, console):  # the file, and the console that journald keeps
+        # The access line is written as the response starts, the audit line once it is sent.
+        wait_until(lambda: output.read_text().count(" ai_platform.audit: request ") >= len(requests), "audit lines")  # noqa: B023
+        text = output.read_bytes()
+        lines = assert_one_record_per_line(text)
+        for secret in (CLIENT_KEY, ADMIN_KEY):
+            assert secret.encode() not in text, output
+        audit = audit_lines(lines)
+        assert [(m["method"], unquote(m["path"]), int(m["status"])) for m in audit] == [
+            (method, unquote(target.partition("?")[0]), status)
+            for (method, target, _), status in zip(requests, statuses, strict=True)
+        ]
+        access = [line.split('"')[1] for line in lines if " INFO uvicorn.access: " in line]
+        assert access[len(FORGING_PATHS) :] == [
+            "GET /limits?[redacted] HTTP/1.1",
+            "GET /limits?[redacted] HTTP/1.1",
+            "GET / HTTP/1.1",
+            "TRACE /health HTTP/1.1",
+            "PATCH /limits HTTP/1.1",
+        ]

@@ -2,16 +2,18 @@
 
 The config under test is the deploy file with only its ports, upstream port and certificate paths
 changed (each substitution must match exactly once), included from the distribution's own
-/etc/nginx/nginx.conf as sites-enabled/ would include it.
+/etc/nginx/nginx.conf as sites-enabled/ would include it, its logs in the test's folder.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import pytest
 from deploy_harness import (
@@ -24,8 +26,10 @@ from deploy_harness import (
     running_server,
     self_signed_certificate,
     substitute,
+    wait_until,
 )
 
+from log_checks import FORGED_LINE, FORGING_PATHS, UNSAFE_BYTES, assert_one_record_per_line, audit_lines
 from support import ADMIN_KEY, CLASSIFY, CLIENT_KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, assert_meta
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
@@ -48,6 +52,7 @@ class Stack:
     app_port: int
     ca: Path
     clients: list[Https]
+    folder: Path  # logs/platform.log, console.log (the app's), access.log (nginx's), usage.sqlite3
 
     def client(self) -> Https:
         client = Https(self.https_port, self.ca)
@@ -102,8 +107,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
     crt, key = self_signed_certificate(folder)
     app_port, http_port, https_port = free_port(), free_port(), free_port()
     config = main_config(folder, site_config(folder, http_port, https_port, app_port, crt, key))
-    with running_server(env, folder, app_port), running_nginx(config, https_port):
-        yield Stack(https_port, http_port, app_port, crt, [])
+    with running_server(env, folder, app_port, console=folder / "console.log"), running_nginx(config, https_port):
+        yield Stack(https_port, http_port, app_port, crt, [], folder)
 
 
 @pytest.fixture(autouse=True)
@@ -185,6 +190,73 @@ def test_metrics_only_for_this_host_through_nginx(stack: Stack) -> None:
     # A remote client (as nginx reports it in X-Forwarded-For) is refused by the app.
     status, _, body = client.request("GET", "/metrics", headers={"X-Forwarded-For": "203.0.113.7"})
     assert status == 403 and json.loads(body) == {"detail": "Metrics are only served to clients on this host."}
+
+
+def test_every_request_is_audited_and_logged_on_one_line_through_nginx(stack: Stack) -> None:
+    """Issue 11: forged log lines in the path, unmatched paths and methods, a key in the query string."""
+    client = stack.client()
+    requests = [("POST", path, {}) for path in FORGING_PATHS]
+    requests += [
+        ("GET", "/", {"User-Agent": 'evil" 200 0 "-" "\u00e9'}),  # nginx logs the header, escaped
+        ("PATCH", "/limits", KEY),
+        ("GET", "/operations/summarize", KEY),
+        ("GET", f"/limits?api_key={CLIENT_KEY}&next=%0a{quote(FORGED_LINE)}", {}),
+        ("HEAD", "/health", {}),  # 405, or 200 once /health answers HEAD: either way, audited
+    ]
+    statuses = [client.request(method, target, headers=headers)[0] for method, target, headers in requests]
+    assert statuses[len(FORGING_PATHS) : -1] == [404, 405, 405, 403]
+    assert set(statuses[: len(FORGING_PATHS)]) <= {403, 404}
+
+    expected = [
+        (method, unquote(target.partition("?")[0]), status)
+        for (method, target, _), status in zip(requests, statuses, strict=True)
+    ]
+    log_file, console = stack.folder / "logs" / "platform.log", stack.folder / "console.log"
+    for output in (log_file, console):  # the app's file, and its console (journald's copy)
+        lines: list[str] = []
+
+        def logged(output: Path = output) -> bool:
+            nonlocal lines
+            lines = assert_one_record_per_line(output.read_bytes())
+            found = [(m["method"], unquote(m["path"]), int(m["status"])) for m in audit_lines(lines)]
+            return found[-len(expected) :] == expected
+
+        wait_until(logged, f"the audit lines in {output.name}")
+        assert not any(CLIENT_KEY in line for line in lines)
+        assert any('"GET /limits?[redacted] HTTP/1.1" 403' in line for line in lines)  # uvicorn's access line
+
+    # The audit rows: the same escaped paths as the lines, 404 and 405 included.
+    database = sqlite3.connect(stack.folder / "usage.sqlite3")
+    try:
+
+        def rows() -> list[tuple[str, str, int]]:
+            found = database.execute("SELECT method, path, status FROM audit_record ORDER BY id").fetchall()
+            return [(method, unquote(path), status) for method, path, status in found[-len(expected) :]]
+
+        wait_until(lambda: rows() == expected, "the audit rows")
+    finally:
+        database.close()
+
+    # nginx's own access log: one line per request, no query string, client values escaped.
+    access = (stack.folder / "access.log").read_bytes()
+    assert CLIENT_KEY.encode() not in access
+    access_lines = assert_nginx_lines(access)
+    assert any('"GET /limits?[redacted] HTTP/1.1" 403 ' in line for line in access_lines)
+    assert any(
+        '"GET / HTTP/1.1" 404 ' in line and line.endswith('"evil\\x22 200 0 \\x22-\\x22 \\x22\\xE9"')
+        for line in access_lines
+    )
+    assert any(f'"POST {FORGING_PATHS[0]} HTTP/1.1" ' in line for line in access_lines)
+
+
+def assert_nginx_lines(log: bytes) -> list[str]:
+    unsafe = UNSAFE_BYTES.search(log)
+    assert unsafe is None, log[max(unsafe.start() - 200, 0) : unsafe.end() + 50]
+    lines = log.decode().split("\n")
+    assert lines[-1] == ""
+    for line in lines[:-1]:
+        assert line.startswith("127.0.0.1 - - ["), line
+    return lines[:-1]
 
 
 def test_rate_limit_stops_key_guessing_by_address(stack: Stack) -> None:

@@ -1,11 +1,21 @@
-"""The audit trail: one log line and one database row per API request."""
+"""The audit trail: one log line and one database row per API request.
+
+The request's method, path and id are client-controlled: the trail stores and logs them
+*printable* (:meth:`AuditEntry.printable`): the path percent-encoded as a client would
+send it (``/operations/x%0A2026-...``, never a line feed or a terminal escape), each
+value cut to its column's length, so one request is one line and one row, and the row
+holds exactly what the line shows.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
 
 from ai_platform.usage import statements
 from ai_platform.usage.database import transactions
@@ -14,6 +24,37 @@ from ai_platform.usage.models import AuditRecord
 log = logging.getLogger("ai_platform.audit")
 
 PRUNE_EVERY = timedelta(hours=1)
+
+# The lengths of AuditRecord's columns (PostgreSQL refuses longer values, and with them the whole batch).
+METHOD_MAX, PATH_MAX, REQUEST_ID_MAX = 8, 256, 128
+TRUNCATED = "\u2026"  # "…": never part of a percent-encoded value, so it marks a cut unambiguously
+# What a path keeps as it is (RFC 3986 pchar and "/"); everything else is percent-encoded, spaces included.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# An HTTP method is a token (RFC 9110); request ids are validated as printable ASCII without spaces.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_PRINTABLE = re.compile(r"[\x21-\x7e]+")
+
+
+def _encoded(value: str, safe: str, limit: int) -> str:
+    """``value`` percent-encoded (UTF-8), at most ``limit`` characters: if longer, as many whole characters as fit
+    in ``limit - 1``, then "…"."""
+    encoded = quote(value, safe=safe, errors="backslashreplace")
+    if len(encoded) <= limit:
+        return encoded
+    parts, size = [], 0
+    for char in value:
+        part = quote(char, safe=safe, errors="backslashreplace")
+        if size + len(part) > limit - 1:
+            break
+        parts.append(part)
+        size += len(part)
+    return "".join(parts) + TRUNCATED
+
+
+def printable_path(path: str) -> str:
+    """``path`` percent-encoded as a client would send it (a normal path is unchanged), at most ``PATH_MAX``
+    characters."""
+    return _encoded(path, _PATH_SAFE, PATH_MAX)
 
 
 @dataclass(frozen=True)
@@ -29,6 +70,16 @@ class AuditEntry:
     status: int
     duration_ms: float
     output_tokens: int
+
+    def printable(self) -> AuditEntry:
+        """This entry with its client-controlled values made printable and cut to their columns' lengths."""
+        method = self.method if _TOKEN.fullmatch(self.method) else quote(self.method, safe="")
+        request_id = self.request_id
+        if request_id is not None and not (len(request_id) <= REQUEST_ID_MAX and _PRINTABLE.fullmatch(request_id)):
+            request_id = _encoded(request_id, "", REQUEST_ID_MAX)
+        return dataclasses.replace(
+            self, method=method[:METHOD_MAX], path=printable_path(self.path), request_id=request_id
+        )
 
 
 class AuditTrail:
@@ -53,7 +104,11 @@ class AuditTrail:
         self._writing: asyncio.Task[None] | None = None
 
     def record(self, entry: AuditEntry) -> None:
-        """Log ``entry`` and queue its row. Never raises: auditing must not fail a request."""
+        """Log ``entry`` and queue its row, both printable (:meth:`AuditEntry.printable`).
+
+        Never raises: auditing must not fail a request.
+        """
+        entry = entry.printable()
         log.info(
             "request method=%s path=%s operation=%s key_id=%s status=%d duration_ms=%.1f tokens=%d request_id=%s",
             entry.method,
