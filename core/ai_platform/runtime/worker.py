@@ -15,11 +15,10 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import inspect
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Generator, Sequence
 from typing import Any, Generic, TypeVar
 
 from ai_platform.errors import ModelUnavailableError, OverloadedError
@@ -83,7 +82,7 @@ class _Job(Generic[T]):
     def __init__(self, work: Work[T] | Steps[T], future: asyncio.Future[T]) -> None:
         self.future = future
         self.cancelled = threading.Event()
-        self._steps: Steps[T] = work if inspect.isgenerator(work) else self._at_once(work)  # type: ignore[arg-type]
+        self._steps: Steps[T] = work if isinstance(work, Generator) else self._at_once(work)
 
     def _at_once(self, work: Work[T]) -> Steps[T]:
         return work(self.cancelled.is_set)
@@ -176,7 +175,10 @@ class ModelWorker:
     def _loop(self) -> None:
         batch = self._batch
         running = self._running
-        idle = lambda: not self._waiting and not (batch and batch.active) and not running and not self._closed  # noqa: E731
+
+        def idle() -> bool:
+            return not self._waiting and not (batch and batch.active) and not running and not self._closed
+
         worked = False  # since memory was last given back
         batch_turn_ends = 0.0  # the batch steps alone until then (its share of the model's time)
         while True:
