@@ -119,7 +119,7 @@ class PlatformPlugin(InitPluginProtocol):
                         await self.engine.close()
                     finally:
                         if database_is_open():
-                            await self.audit.flush()  # the rows still queued, while the database is open
+                            await self.audit.flush(timeout=10)  # the rows still queued, while the database is open
 
         app_config.lifespan.append(lifespan)
 

@@ -18,12 +18,16 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 from ai_platform.usage import statements
-from ai_platform.usage.database import transactions
+from ai_platform.usage.database import describe, note_write, transactions
 from ai_platform.usage.models import AuditRecord
 
 log = logging.getLogger("ai_platform.audit")
 
 PRUNE_EVERY = timedelta(hours=1)
+# Rows kept for a database that refuses writes, retried with back-off; beyond that the oldest
+# are dropped (each is in platform.log too, written when it happened).
+MAX_BACKLOG = 20_000
+FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS = 0.5, 30.0
 
 # The lengths of AuditRecord's columns (PostgreSQL refuses longer values, and with them the whole batch).
 METHOD_MAX, PATH_MAX, REQUEST_ID_MAX = 8, 256, 128
@@ -88,7 +92,9 @@ class AuditTrail:
     Rows wait at most ``flush_seconds`` (or until ``max_pending`` are waiting), so a
     busy server writes one transaction per batch instead of one per request and no
     request waits for its own audit row. A killed process loses at most the rows of
-    its last ``flush_seconds``; the log lines are written as they happen. Rows older
+    its last ``flush_seconds``; the log lines are written as they happen. A batch the
+    database refuses is kept and retried with back-off (0.5 s doubling to 30 s; at most
+    ``MAX_BACKLOG`` rows, the oldest dropped beyond), and ``/health`` says writes fail. Rows older
     than ``retention_days`` (0: none) are deleted after a write, at most once per
     ``PRUNE_EVERY``, so the table cannot grow without bound (unauthenticated
     requests are audited too).
@@ -102,6 +108,8 @@ class AuditTrail:
         self._pending: list[AuditEntry] = []
         self._timer: asyncio.TimerHandle | None = None
         self._writing: asyncio.Task[None] | None = None
+        self._failures = 0  # failed attempts in a row
+        self.dropped = 0  # rows given up on (over MAX_BACKLOG while the database refused writes)
 
     def record(self, entry: AuditEntry) -> None:
         """Log ``entry`` and queue its row, both printable (:meth:`AuditEntry.printable`).
@@ -138,14 +146,41 @@ class AuditTrail:
     async def _write(self) -> None:
         try:
             while self._pending:
-                batch, self._pending = self._pending, []
+                batch = list(self._pending)  # record() appends to _pending meanwhile
                 try:
                     await transactions().run(statements.audit_rows([tuple(vars(e).values()) for e in batch]))
-                except Exception:
-                    log.exception("could not write %d audit records", len(batch))
+                except Exception as exc:
+                    await self._wait_to_retry(exc)
+                    continue
+                self._pending = self._pending[len(batch) :]  # rows recorded meanwhile stay queued
+                if self._failures:
+                    log.warning("wrote %d audit records after %d failed attempts", len(batch), self._failures)
+                    self._failures = 0
+                    note_write(None)
             await self._prune()
         finally:
             self._writing = None
+
+    async def _wait_to_retry(self, error: Exception) -> None:
+        """Keep the rows (at most ``MAX_BACKLOG``, the newest) and wait before the next attempt."""
+        self._failures += 1
+        note_write(error)
+        if len(self._pending) > MAX_BACKLOG:
+            dropped = len(self._pending) - MAX_BACKLOG
+            self._pending = self._pending[dropped:]
+            self.dropped += dropped
+            log.error(
+                "dropped the %d oldest audit records: over %d waiting (they are in the log)", dropped, MAX_BACKLOG
+            )
+        delay = min(MAX_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** (self._failures - 1))
+        if self._failures == 1:
+            log.exception("could not write %d audit records; retrying in %g s", len(self._pending), delay)
+        else:
+            log.warning(
+                "could not write %d audit records (attempt %d): %s; retrying in %g s",
+                len(self._pending), self._failures, describe(error), delay,
+            )  # fmt: skip
+        await asyncio.sleep(delay)
 
     async def _prune(self) -> None:
         now = datetime.now(UTC)
@@ -158,8 +193,18 @@ class AuditTrail:
         except Exception:
             log.exception("could not delete old audit records")
 
-    async def flush(self) -> None:
-        """Write every queued row now (at shutdown, and for tests that read the table)."""
+    async def flush(self, timeout: float | None = None) -> None:
+        """Write every queued row now (at shutdown, and for tests that read the table).
+
+        With a ``timeout``, a database that keeps refusing writes is given up on after it
+        (the rows stay in the log only).
+        """
         self._write_now()
-        if self._writing is not None:
-            await asyncio.shield(self._writing)
+        if self._writing is None:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._writing)
+        except TimeoutError:
+            self._writing.cancel()
+            log.error("gave up writing %d audit records after %g s (they are in the log)", len(self._pending), timeout)

@@ -86,6 +86,9 @@ class _Health:
     error: str | None = None  # the last failure: of opening it, or of a request since (an outage)
     next_attempt: float | None = None  # time.monotonic() of the next attempt to open it; None: not waiting
     checked: float = 0.0  # time.monotonic() of the last probe after a request's failure
+    # The last failed write of the audit trail, until one succeeds: a database that answers
+    # SELECT 1 may still refuse writes (read-only file, full disk), and the probe cannot tell.
+    write_error: str | None = None
 
 
 _health = _Health()
@@ -378,7 +381,13 @@ async def database_status() -> DatabaseStatus:
             _health.error = describe(exc)
         else:
             _health.error = None
-    return DatabaseStatus(_health.error is None, _health.error, None)
+    error = _health.error or (f"writes fail: {_health.write_error}" if _health.write_error else None)
+    return DatabaseStatus(error is None, error, None)
+
+
+def note_write(error: BaseException | None) -> None:
+    """Record how a background write (the audit trail's) went, for ``/health``."""
+    _health.write_error = None if error is None else describe(error)
 
 
 def transactions() -> Runner:
