@@ -5,12 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from dotenv import dotenv_values
 
 from ai_platform.errors import ConfigurationError
 from ai_platform.settings import SEED_OPERATION_MODEL_MAP, Settings
 from support import ROOT
 
 BASE = {"SECRET_KEY": "s" * 32, "VALID_API_KEYS": '["key-a"]'}
+REAL_SECRETS = {
+    "SECRET_KEY": "Zq3v9X1mK8pL2rT5wY7bN4cD6fG0hJ",
+    "VALID_API_KEYS": '["client-Hk29dLq8Zp3xWm"]',
+    "ADMIN_API_KEYS": '["admin-Vr84nQs1Tg6yBc"]',
+}
+SECRETS = ("SECRET_KEY", "VALID_API_KEYS", "ADMIN_API_KEYS")
 
 
 def test_defaults_follow_the_seed() -> None:
@@ -66,8 +73,9 @@ def test_repr_and_redacted_hide_secrets() -> None:
 
 
 def test_env_example_is_valid_and_complete() -> None:
+    """Valid once its placeholder secrets are replaced (install.sh and `init-env` write real ones)."""
     example = ROOT / ".env.example"
-    settings = Settings.from_env({}, env_file=example)
+    settings = Settings.from_env(REAL_SECRETS, env_file=example)
     assert settings.operation_model_map == SEED_OPERATION_MODEL_MAP
     text = example.read_text()
     for field in Settings.__struct_fields__:
@@ -78,3 +86,107 @@ def test_redacted_hides_the_database_password() -> None:
     settings = Settings.from_mapping({**BASE, "DATABASE_URL": "postgres://app:hunter2@db:5432/ai"})
     assert "hunter2" not in repr(settings)
     assert settings.redacted()["DATABASE_URL"] == "postgres://app:***@db:5432/ai"
+
+
+def _example_values() -> dict[str, str]:
+    return {k: v for k, v in dotenv_values(ROOT / ".env.example").items() if v is not None}
+
+
+@pytest.mark.parametrize("name", SECRETS)
+def test_placeholders_of_env_example_are_refused(name: str) -> None:
+    """issue 11 #14: the example's keys worked (`admin-key-change-me` changed limits)."""
+    example = _example_values()[name]
+    with pytest.raises(ConfigurationError, match=f"^{name}: .*placeholder") as error:
+        Settings.from_mapping({**BASE, name: example})
+    assert example.strip('[]"') not in str(error.value)  # the message never repeats a secret
+
+
+def test_env_example_as_it_is_stops_startup_naming_every_placeholder() -> None:
+    with pytest.raises(ConfigurationError) as error:
+        Settings.from_env({}, env_file=ROOT / ".env.example")
+    message = str(error.value)
+    assert "\n" not in message
+    for name in SECRETS:
+        assert f"{name}: " in message, message
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SECRET_KEY", "your-64-char-random-string-here"),  # the seed guide's .env
+        ("VALID_API_KEYS", '["key-for-service-a","key-for-service-b"]'),  # the seed guide's .env
+        ("VALID_API_KEYS", '["local-dev-key-001"]'),  # the seed guide's curl examples
+        ("VALID_API_KEYS", '["real-key-0123456789", "CHANGE_ME"]'),
+        ("ADMIN_API_KEYS", "changeme-admin-0123456789"),
+        ("SECRET_KEY", "please-change-me-0123456789"),
+    ],
+)
+def test_other_known_placeholders_are_refused(name: str, value: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"^{name}: .*placeholder"):
+        Settings.from_mapping({**BASE, name: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("SECRET_KEY", " " * 16, "blank"),
+        ("SECRET_KEY", "\t" * 20, "blank"),
+        ("SECRET_KEY", "  " + "s" * 32, "whitespace"),
+        ("SECRET_KEY", "s" * 32 + " ", "whitespace"),
+        ("SECRET_KEY", '"' + "s" * 32 + '"', "quote"),
+        ("VALID_API_KEYS", '"k1"', "quote"),  # VALID_API_KEYS='"k1"': a key with the quotes in it
+        ("VALID_API_KEYS", "'k1-0123456789'", "quote"),
+        ("VALID_API_KEYS", '["\\"k1\\""]', "quote"),
+        ("VALID_API_KEYS", '[" k1-0123456789"]', "whitespace"),
+        ("VALID_API_KEYS", '["k1-0123456789\\t"]', "whitespace"),
+        ("VALID_API_KEYS", '["   "]', "blank"),
+        ("ADMIN_API_KEYS", '["admin-0123456789 "]', "whitespace"),
+        ("ADMIN_API_KEYS", '["\\"admin-0123456789\\""]', "quote"),
+        ("ADMIN_API_KEYS", '["adm\\u0000in-0123456789"]', "control"),
+    ],
+)
+def test_blank_quoted_or_padded_secrets_are_refused(name: str, value: str, why: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"^{name}: .*{why}") as error:
+        Settings.from_mapping({**BASE, name: value})
+    assert "k1" not in str(error.value) and "admin-0123456789" not in str(error.value)
+
+
+def test_ordinary_secrets_and_keys_are_accepted() -> None:
+    settings = Settings.from_mapping(
+        {**REAL_SECRETS, "VALID_API_KEYS": "client-Hk29dLq8Zp3xWm, other-Jd73kQp0Lx", "SECRET_KEY": "a b" * 8}
+    )
+    assert settings.valid_api_keys == ["client-Hk29dLq8Zp3xWm", "other-Jd73kQp0Lx"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://user:hunter2@db:3306/ai",
+        "notaurl",
+        "data/ai_platform.sqlite3",
+        "http://db/ai",
+        "sqlite://",
+        "sqlite:",
+        "postgres://user:hunter2@db:notaport/ai",
+        "postgres://user:hunter2@db:5432/",
+    ],
+)
+def test_invalid_database_url_names_the_variable(url: str) -> None:
+    """issue 11 #15: these ended in a 65-95-line traceback at startup."""
+    with pytest.raises(ConfigurationError, match=r"^DATABASE_URL: ") as error:
+        Settings.from_mapping({**BASE, "DATABASE_URL": url})
+    assert "hunter2" not in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://data/ai_platform.sqlite3",
+        "sqlite:///var/lib/ai/usage.sqlite3?synchronous=FULL",
+        "sqlite://:memory:",
+        "postgres://app:secret@db-host:5432/ai_platform",
+        "postgresql://app:secret@db-host/ai_platform",
+    ],
+)
+def test_supported_database_urls_are_accepted(url: str) -> None:
+    assert Settings.from_mapping({**BASE, "DATABASE_URL": url}).database_url == url

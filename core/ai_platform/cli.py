@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import secrets
 import sys
@@ -13,6 +14,16 @@ from dotenv import dotenv_values
 
 from ai_platform.errors import ConfigurationError, PluginError
 from ai_platform.settings import Settings
+
+# uvicorn's graceful shutdown waits for requests in flight up to REQUEST_TIMEOUT_SECONDS plus this: time
+# for a request stopped by its timeout to send its 504. systemd's TimeoutStopSec (deploy/systemd) is longer
+# still, by the time the app then needs to close its model processes and write its last audit rows.
+GRACEFUL_SHUTDOWN_MARGIN_SECONDS = 10
+
+
+def graceful_shutdown_seconds(settings: Settings) -> int:
+    """How long ``serve`` lets requests in flight finish after SIGTERM (uvicorn's ``timeout_graceful_shutdown``)."""
+    return math.ceil(settings.request_timeout_seconds) + GRACEFUL_SHUTDOWN_MARGIN_SECONDS
 
 
 def app_factory() -> object:
@@ -33,8 +44,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ai_platform.api.http_limits import HeaderLimitedHttpToolsProtocol
+    from ai_platform.usage.database import sqlite_folder_problem
 
     settings = _settings()
+    problem = sqlite_folder_problem(settings.database_url)
+    if problem:  # a folder the service user cannot use: retrying would not help (systemd restarts it anyway)
+        sys.exit(f"ai-platform: cannot start: DATABASE_URL: {problem}")
     try:
         app_factory()  # fail here, once, with a readable message rather than in every worker
     except (ConfigurationError, PluginError) as exc:
@@ -49,6 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         proxy_headers=True,
         forwarded_allow_ips="127.0.0.1",
         server_header=False,
+        # On SIGTERM, requests in flight (queued ones too) may finish; none runs longer than its timeout.
+        timeout_graceful_shutdown=graceful_shutdown_seconds(settings),
         http=HeaderLimitedHttpToolsProtocol,  # httptools, with limits on header size and count (431)
     )
 

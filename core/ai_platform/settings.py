@@ -2,7 +2,10 @@
 
 Environment variables win over the ``.env`` file. List settings accept a JSON
 list (the seed's ``VALID_API_KEYS=["a","b"]``) or a comma-separated string.
-Invalid values raise :class:`ConfigurationError` naming the variable.
+Invalid values raise :class:`ConfigurationError` naming the variable: among them
+the placeholder secrets of ``.env.example`` and the seed guide, blank secrets,
+keys with quotes or surrounding whitespace, and a ``DATABASE_URL`` that is not
+``sqlite://`` or ``postgres://`` (``postgresql://``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -25,6 +29,24 @@ SEED_OPERATION_MODEL_MAP = {
     "translate": "qwen-translate",
     "classify": "qwen-classify",
 }
+
+# Secrets that were published as examples: in .env.example (issue 11: its keys worked, `admin-key-change-me`
+# changed limits) and in the seed guide (its .env and its curl examples). Compared case-insensitively.
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "change-me-to-a-long-random-string",  # .env.example
+        "key-for-service-a",  # .env.example, the seed guide's .env
+        "key-for-service-b",
+        "admin-key-change-me",  # .env.example
+        "your-64-char-random-string-here",  # the seed guide's .env
+        "local-dev-key-001",  # the seed guide's curl examples
+    }
+)
+# Any other value that asks to be replaced: change-me, changeme, CHANGE_ME, replace-me, ...
+PLACEHOLDER_PATTERN = re.compile(r"(change|replace)[-_ ]?me", re.IGNORECASE)
+QUOTES = "\"'`"
+GENERATE_HINT = 'generate secrets with: python3 -c "import secrets; print(secrets.token_urlsafe(48))"'
+DATABASE_SCHEMES = ("sqlite", "postgres", "postgresql")
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
@@ -89,6 +111,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
             ZoneInfo(self.limit_timezone)
         except (ZoneInfoNotFoundError, ValueError):
             raise ConfigurationError(f"LIMIT_TIMEZONE: unknown time zone {self.limit_timezone!r}") from None
+        problems = [
+            *_secret_problems("SECRET_KEY", [self.secret_key]),
+            *_secret_problems("VALID_API_KEYS", self.valid_api_keys),
+            *_secret_problems("ADMIN_API_KEYS", self.admin_api_keys),
+        ]
+        if problems:  # all of them at once: an admin fixing .env.example's three placeholders restarts once
+            hint = f" ({GENERATE_HINT})" if any("placeholder" in p for p in problems) else ""
+            raise ConfigurationError("; ".join(problems) + hint)
+        problem = _database_url_problem(self.database_url)
+        if problem:
+            raise ConfigurationError(f"DATABASE_URL: {problem}")
 
     @property
     def limit_zone(self) -> ZoneInfo:
@@ -105,6 +138,49 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
 
     def __repr__(self) -> str:
         return f"Settings({self.redacted()!r})"
+
+
+def _secret_problems(name: str, values: list[str]) -> list[str]:
+    """What is wrong with a secret setting's values, each naming the variable and never the value."""
+    problems = []
+    for index, value in enumerate(values, start=1):
+        which = "" if name == "SECRET_KEY" else f"key {index}" + (f" of {len(values)}" if len(values) > 1 else "")
+        which = f"{which} " if which else ""
+        if not value.strip():
+            why = "is blank (only whitespace)"
+        elif value.strip().lower() in PLACEHOLDER_SECRETS or PLACEHOLDER_PATTERN.search(value):
+            why = "is a placeholder from .env.example or the seed guide, not a secret"
+        elif value != value.strip():
+            why = "has whitespace around it (an HTTP header cannot carry that; remove it)"
+        elif name == "SECRET_KEY" and value[0] in QUOTES and value[-1] == value[0]:
+            why = "is wrapped in quote characters (quoted twice in .env?)"
+        elif name != "SECRET_KEY" and any(q in value for q in QUOTES):
+            why = f'contains a quote character (quoted twice in .env? write {name}=["a","b"] or {name}=a,b)'
+        elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+            why = "contains a control character"
+        else:
+            continue
+        problems.append(f"{name}: {which}{why}")
+    return problems
+
+
+def _database_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the usage database (never repeating its password), or None."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "not a URL; use sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+    if scheme.lower() not in DATABASE_SCHEMES:
+        return f"unsupported scheme {scheme[:20]!r}; use sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+    if scheme.lower() == "sqlite":
+        return None if rest.split("?")[0] else "no file after sqlite:// (e.g. sqlite://data/ai_platform.sqlite3)"
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return "the port is not a number between 0 and 65535"
+    if not parts.path.strip("/"):
+        return "no database name (postgres://USER:PASSWORD@HOST:PORT/DATABASE)"
+    return None
 
 
 def _decode_path(kind: type, value: Any) -> Any:

@@ -9,22 +9,25 @@ from typing import Any
 
 import msgspec
 import psutil
-from litestar import get, put
+from litestar import Request, Router, get, head, put
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import JSONBody
 
-from ai_platform.api.auth import admin_only
+from ai_platform.api.auth import API_KEY_HEADER, KeyRing, admin_only
 from ai_platform.api.schemas import (
+    AdminHealthResponse,
     HealthResponse,
     LimitEntry,
     LimitsResponse,
     LimitUpdate,
     ModelHealth,
     PluginHealth,
+    PublicModelHealth,
     UsageEntry,
     UsageResponse,
 )
 from ai_platform.api.validation import not_one_of
+from ai_platform.errors import AuthenticationError
 from ai_platform.plugins import LoadedPlugins
 from ai_platform.services.orchestration import iso_timestamp
 from ai_platform.usage.database import database_status
@@ -39,8 +42,9 @@ class DatabaseHealth(msgspec.Struct, kw_only=True):
     next_attempt_seconds: float | None = None  # not open yet (the server started without it): next try in
 
 
-class SystemHealthResponse(HealthResponse, kw_only=True):
-    """``HealthResponse`` and the usage database's state (without it, operations and limits answer 503)."""
+class SystemHealthResponse(AdminHealthResponse, kw_only=True):
+    """What an admin sees: ``AdminHealthResponse`` and the usage database's state (without it, operations and
+    limits answer 503)."""
 
     database: DatabaseHealth
 
@@ -93,40 +97,74 @@ def limit_routes(limits: LimitService) -> list[HTTPRouteHandler]:
     return [get_limits, put_limits, get_usage]
 
 
-def health_route(engine: Any, plugins: LoadedPlugins) -> HTTPRouteHandler:
+def health_route(engine: Any, plugins: LoadedPlugins, keyring: KeyRing | None = None) -> Router:
+    """``GET /health`` (no key; details with an admin key) and ``HEAD /health`` (load balancers).
+
+    Anyone sees what the seed guide's example shows: status, uptime, memory, CPU, each
+    model's name, ``loaded`` and path. Load errors, providers, failed plugins and the
+    database's error text are internals (paths, library messages, exception text): only
+    a request with an admin key in ``X-API-Key`` gets them. A missing, wrong or client key
+    gets the public view, never a 403: monitoring needs no key. ``keyring`` defaults to the
+    app's own (``PlatformPlugin.keyring``).
+    """
     started = time.monotonic()
     process = psutil.Process(os.getpid())
     psutil.cpu_percent(interval=None)  # the first reading is meaningless; prime it
 
-    @get("/health", tags=["system"], summary="Liveness, resources, models, database and plugin status (no key).")
-    async def health() -> SystemHealthResponse:
+    def is_admin(request: Request[Any, Any, Any]) -> bool:
+        key = request.headers.get(API_KEY_HEADER)
+        if not key:
+            return False
+        ring = keyring
+        if ring is None:
+            from ai_platform.app import PlatformPlugin  # the app module imports this one
+
+            ring = request.app.plugins.get(PlatformPlugin).keyring
+        try:
+            return ring.authenticate(key).is_admin
+        except AuthenticationError:
+            return False
+
+    @get(
+        "/health",
+        tags=["system"],
+        summary="Liveness, resources and models (no key); with an admin key also errors, plugins and the database.",
+    )
+    async def health(request: Request[Any, Any, Any]) -> HealthResponse | SystemHealthResponse:
         memory = psutil.virtual_memory()
-        models = [
-            ModelHealth(
-                name=f"{s.operation} ({s.model})",
-                loaded=s.loaded,
-                path=s.path,
-                provider=s.provider,
-                error=s.error,
-            )
-            for s in engine.status()
-        ]
-        failed = [PluginHealth(name=p.name, status=p.status, error=p.error) for p in plugins.problems]
+        statuses = engine.status()
+        problems = plugins.problems
         db = await database_status()
-        healthy = all(m.loaded for m in models) and not failed and db.available
+        healthy = all(s.loaded for s in statuses) and not problems and db.available
+        status = "healthy" if healthy else "degraded"
+        uptime = round(time.monotonic() - started, 1)
+        used, total = round((memory.total - memory.available) / MB, 1), round(memory.total / MB, 1)
+        cpu = psutil.cpu_percent(interval=None)
+        timestamp = iso_timestamp(datetime.now(UTC))
+        if not is_admin(request):
+            return HealthResponse(
+                status=status, uptime_seconds=uptime, memory_used_mb=used, memory_total_mb=total, cpu_percent=cpu,
+                models=[PublicModelHealth(name=f"{s.operation} ({s.model})", loaded=s.loaded, path=s.path) for s in statuses],
+                timestamp=timestamp,
+            )  # fmt: skip
         return SystemHealthResponse(
-            status="healthy" if healthy else "degraded",
-            uptime_seconds=round(time.monotonic() - started, 1),
-            memory_used_mb=round((memory.total - memory.available) / MB, 1),
-            memory_total_mb=round(memory.total / MB, 1),
-            cpu_percent=psutil.cpu_percent(interval=None),
+            status=status, uptime_seconds=uptime, memory_used_mb=used, memory_total_mb=total, cpu_percent=cpu,
             process_rss_mb=round(process.memory_info().rss / MB, 1),
-            models=models,
-            failed_plugins=failed,
+            models=[
+                ModelHealth(
+                    name=f"{s.operation} ({s.model})", loaded=s.loaded, path=s.path, provider=s.provider, error=s.error
+                )
+                for s in statuses
+            ],
+            failed_plugins=[PluginHealth(name=p.name, status=p.status, error=p.error) for p in problems],
+            timestamp=timestamp,
             database=DatabaseHealth(
                 available=db.available, error=db.error, next_attempt_seconds=db.next_attempt_seconds
             ),
-            timestamp=iso_timestamp(datetime.now(UTC)),
-        )
+        )  # fmt: skip
 
-    return health
+    @head("/health", tags=["system"], summary="Liveness for load balancers: 200, no body (no key).")
+    async def health_head() -> None:
+        return None
+
+    return Router(path="/", route_handlers=[health, health_head])

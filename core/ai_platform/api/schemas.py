@@ -40,7 +40,17 @@ class UsageResponse(msgspec.Struct, kw_only=True):
     generated_at: str
 
 
+class PublicModelHealth(msgspec.Struct, kw_only=True):
+    """A model as the seed's ``/health`` example shows it, to anyone."""
+
+    name: str
+    loaded: bool
+    path: str
+
+
 class ModelHealth(msgspec.Struct, kw_only=True):
+    """A model as an admin sees it: also where it runs and why it is not loaded."""
+
     name: str
     loaded: bool
     path: str
@@ -55,6 +65,20 @@ class PluginHealth(msgspec.Struct, kw_only=True):
 
 
 class HealthResponse(msgspec.Struct, kw_only=True):
+    """``GET /health`` without an admin key: the seed's fields, no internals (issue 11)."""
+
+    status: str
+    uptime_seconds: float
+    memory_used_mb: float
+    memory_total_mb: float
+    cpu_percent: float
+    models: list[PublicModelHealth]
+    timestamp: str
+
+
+class AdminHealthResponse(msgspec.Struct, kw_only=True):
+    """``GET /health`` with an admin key: also the server's memory, load errors, providers and failed plugins."""
+
     status: str
     uptime_seconds: float
     memory_used_mb: float

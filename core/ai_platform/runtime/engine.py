@@ -159,7 +159,8 @@ class InferenceEngine:
             raise ModelUnavailableError(f"No model is configured for operation '{operation}'.")
         if slot.model is None:
             model = self._operation_models[operation]
-            raise ModelUnavailableError(f"Model '{model}' for operation '{operation}' is not loaded ({slot.error}).")
+            # Why it is not loaded (a path, onnxruntime's provider list, ...) is for admins: /health with an admin key.
+            raise ModelUnavailableError(f"Model '{model}' for operation '{operation}' is not available; retry later.")
         return slot.model
 
     async def check(self, operation: str, call: Generate | Choose) -> int:

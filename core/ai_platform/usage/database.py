@@ -160,6 +160,29 @@ def _sqlite_path(url: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
+def sqlite_folder_problem(url: str) -> str | None:
+    """Why this user cannot keep the SQLite file of ``url`` where it says, in one line; None if it can (or not SQLite).
+
+    ``ai-platform serve`` checks it before starting: a folder that cannot be created, entered or
+    written is a configuration error (issue 11), not an outage that retrying would end.
+    """
+    path = _sqlite_path(url)
+    if path is None:
+        return None
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"the SQLite folder {str(folder)!r} is a file, not a folder"
+    except OSError as exc:
+        return f"cannot create the SQLite folder {str(folder)!r}: {exc.strerror or exc}"
+    if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+        return f"the SQLite folder {str(folder)!r} is not readable and writable by this user (uid {os.geteuid()})"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return f"the SQLite file {str(path)!r} is not readable and writable by this user (uid {os.geteuid()})"
+    return None
+
+
 def connection_url(url: str) -> str:
     """``url`` with SQLite's busy timeout and sync mode set unless the URL sets its own.
 
