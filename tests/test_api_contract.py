@@ -92,8 +92,10 @@ async def test_health_needs_no_key(client: AsyncTestClient, engine: FakeEngine) 
     assert body["status"] == "healthy"
     assert ISO_UTC.match(body["timestamp"])
     assert {m["name"] for m in body["models"]} == {f"{op} ({model})" for op, model in SEED_MODELS.items()}
-    assert all(m["loaded"] and m["provider"] == "CPUExecutionProvider" for m in body["models"])
+    assert all(m["loaded"] and "provider" not in m for m in body["models"])  # details: admin key only
     assert body["memory_total_mb"] >= body["memory_used_mb"] > 0
+    admin = (await client.get("/health", headers=ADMIN)).json()
+    assert all(m["loaded"] and m["provider"] == "CPUExecutionProvider" for m in admin["models"])
 
 
 async def test_limits(client: AsyncTestClient) -> None:  # type: ignore[type-arg]

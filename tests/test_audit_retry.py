@@ -17,7 +17,7 @@ from ai_platform.testing import FakeEngine
 from ai_platform.usage import audit, database
 from ai_platform.usage.audit import AuditEntry, AuditTrail
 from ai_platform.usage.models import AuditRecord
-from support import KEY, SEED_MODELS
+from support import ADMIN, KEY, SEED_MODELS
 
 pytestmark = pytest.mark.anyio
 
@@ -70,10 +70,10 @@ async def test_refused_rows_are_retried_and_health_says_writes_fail(
             assert (await client.get("/limits", headers=KEY)).status_code == 200
 
         async def health_shows_it() -> bool:
-            return (await client.get("/health")).json()["status"] == "degraded"
+            return (await client.get("/health", headers=ADMIN)).json()["status"] == "degraded"
 
         await wait_for(health_shows_it)
-        body = (await client.get("/health")).json()
+        body = (await client.get("/health", headers=ADMIN)).json()
         assert body["database"]["available"] is False
         assert "writes fail" in body["database"]["error"] and "readonly" in body["database"]["error"]
         assert audit_rows(env, "/limits") == 0
@@ -87,7 +87,7 @@ async def test_refused_rows_are_retried_and_health_says_writes_fail(
             return audit_rows(env, "/limits") == 5
 
         await wait_for(all_written)
-        assert (await client.get("/health")).json()["status"] == "healthy"
+        assert (await client.get("/health", headers=ADMIN)).json()["status"] == "healthy"
 
 
 async def test_the_backlog_is_bounded_and_a_flush_gives_up_in_time(

@@ -98,7 +98,7 @@ async def test_tiny_model_reuses_the_prompt_start_of_earlier_requests(tiny_clien
 async def test_tiny_model_health_reports_models_and_provider(
     tiny_client: AsyncTestClient, tiny_env: dict[str, str]
 ) -> None:  # type: ignore[type-arg]
-    health = (await tiny_client.get("/health")).json()
+    health = (await tiny_client.get("/health", headers=ADMIN)).json()
     assert health["status"] == "healthy"
     assert sorted((m["name"], m["loaded"], m["provider"], m["path"]) for m in health["models"]) == sorted(
         (f"{op} ({folder})", True, "CPUExecutionProvider", str(Path(tiny_env["MODELS_DIR"]) / folder))
@@ -116,7 +116,7 @@ async def test_missing_model_folder_is_503_and_others_keep_working(env: dict[str
         assert r.status_code == 503 and "qwen-translate" in r.json()["detail"]
         assert "Retry-After" in r.headers
         assert (await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)).status_code == 200
-        health = (await client.get("/health")).json()
+        health = (await client.get("/health", headers=ADMIN)).json()
         assert health["status"] == "degraded"
         loaded = {m["name"]: (m["loaded"], m["error"]) for m in health["models"]}
         assert loaded["summarize (qwen-summarize)"] == (True, None)

@@ -19,7 +19,7 @@ from ai_platform.testing import FakeEngine
 from ai_platform.usage.database import APPS, BASELINE, MODELS_MODULE, database
 from ai_platform.usage.models import DailyUsage, KeyQuota
 from harness import PostgresServer, query
-from support import CLASSIFY, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE
+from support import ADMIN, CLASSIFY, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE
 
 pytestmark = pytest.mark.anyio
 
@@ -102,7 +102,7 @@ async def test_a_corrupt_model_is_503_for_its_operation_only(env: dict[str, str]
         assert r.status_code == 503 and "qwen-translate" in r.json()["detail"], r.text
         assert (await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)).status_code == 200
         assert (await client.post("/operations/classify", json=CLASSIFY, headers=KEY)).status_code == 200
-        health = (await client.get("/health")).json()
+        health = (await client.get("/health", headers=ADMIN)).json()
         assert health["status"] == "degraded"
         translate = next(m for m in health["models"] if m["name"].startswith("translate"))
         assert translate["loaded"] is False and translate["error"]

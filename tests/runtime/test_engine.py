@@ -160,7 +160,9 @@ async def test_choose_returns_the_reference_probabilities_in_option_order(
 async def test_missing_model_is_unavailable_while_others_work(
     any_engine: InferenceEngine, tiny_model: LanguageModel
 ) -> None:
-    with pytest.raises(ModelUnavailableError, match=r"'missing' for operation 'translate' is not loaded"):
+    with pytest.raises(
+        ModelUnavailableError, match=r"'missing' for operation 'translate' is not available; retry later\.$"
+    ):
         await any_engine.generate("translate", Generate(messages=MESSAGES), max_output_tokens=5)
     with pytest.raises(ModelUnavailableError, match="No model is configured"):
         await any_engine.choose("unknown", Choose(messages=MESSAGES, options=["a", "b"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,6 +186,16 @@ class InferenceEngine:
         if call.max_output_tokens is not None:
             max_output_tokens = min(max_output_tokens, call.max_output_tokens)
         return await model.generate(call.messages, max_output_tokens)
+
+    def stream(self, operation: str, call: Generate, *, max_output_tokens: int) -> AsyncIterator[str | Completion]:
+        """:meth:`generate`, yielding text deltas as they are decoded, then the :class:`Completion`.
+
+        Closing the iterator before its end cancels the generation.
+        """
+        model = self._loaded(operation)
+        if call.max_output_tokens is not None:
+            max_output_tokens = min(max_output_tokens, call.max_output_tokens)
+        return model.stream(call.messages, max_output_tokens)
 
     async def choose(self, operation: str, call: Choose) -> Choice:
         """Probabilities of ``call.options`` as the model's complete answer to ``call.messages``."""

@@ -27,7 +27,7 @@ import multiprocessing
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -151,6 +151,12 @@ class _ChildServer:
                 result: Completion | Choice = await self._model.generate(*payload)
             elif kind == "choose":
                 result = await self._model.choose(*payload)
+            elif kind == "stream":
+                async for item in self._model.stream(*payload):
+                    if isinstance(item, str):
+                        self._send(("delta", call_id, item))
+                    else:
+                        result = item
             else:
                 raise ValueError(f"unknown model call {kind!r}")
             reply = ("done", call_id, result, self._model.reused_prompt_tokens)
@@ -159,8 +165,11 @@ class _ChildServer:
         except Exception as exc:
             reply = ("failed", call_id, _encode_error(exc))
         self._tasks.pop(call_id, None)
+        self._send(reply)
+
+    def _send(self, message: tuple[Any, ...]) -> None:
         with contextlib.suppress(OSError):  # the server is gone: _receive ends the process
-            self._conn.send(reply)
+            self._conn.send(message)
 
 
 # --- the server side -------------------------------------------------------------------
@@ -181,6 +190,7 @@ class ModelProcess:
         self._conn: Connection | None = None  # set while a child serves
         self._process: BaseProcess | None = None  # the current child, loading or serving
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._streams: dict[int, asyncio.Queue[Any]] = {}  # streaming calls: deltas, then the result or an error
         self._ids = itertools.count()
         self._provider: str | None = None
         self._encoder: PromptEncoder | None = None  # the text side, loaded here too
@@ -212,7 +222,7 @@ class ModelProcess:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._streams)
 
     @property
     def reused_prompt_tokens(self) -> int:
@@ -283,6 +293,17 @@ class ModelProcess:
 
     def _on_reply(self, message: tuple[Any, ...]) -> None:
         kind, call_id = message[0], message[1]
+        if call_id in self._streams:
+            if kind == "delta":
+                self._streams[call_id].put_nowait(message[2])
+                return
+            stream = self._streams.pop(call_id)
+            if kind == "done":
+                self._reused = message[3]
+                stream.put_nowait(message[2])
+            else:
+                stream.put_nowait(_decode_error(message[2]) if kind == "failed" else self._dropped())
+            return
         future = self._pending.pop(call_id, None)
         if future is None or future.done():  # the caller cancelled meanwhile
             return
@@ -292,7 +313,10 @@ class ModelProcess:
         elif kind == "failed":
             future.set_exception(_decode_error(message[2]))
         else:
-            future.set_exception(ModelUnavailableError(f"Model '{self._name}' dropped the call."))
+            future.set_exception(self._dropped())
+
+    def _dropped(self) -> ModelUnavailableError:
+        return ModelUnavailableError(f"Model '{self._name}' dropped the call.")
 
     def _on_exit(self, conn: Connection, exitcode: int | None) -> None:
         if conn is not self._conn:  # closed on purpose
@@ -313,7 +337,7 @@ class ModelProcess:
         )  # fmt: skip
         self._fail_pending(
             ModelUnavailableError(
-                f"Model '{self._name}' stopped unexpectedly ({how}) and is restarting; retry shortly.",
+                f"Model '{self._name}' stopped unexpectedly and is restarting; retry shortly.",
                 retry_after=math.ceil(delay) + 1,
             )
         )
@@ -339,28 +363,57 @@ class ModelProcess:
         for future in pending.values():
             if not future.done():
                 future.set_exception(error)
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put_nowait(error)
 
-    async def _call(self, kind: str, payload: tuple[Any, ...]) -> Any:
+    def _submit(
+        self, kind: str, payload: tuple[Any, ...], waiting: dict[int, Any], waiter: Any
+    ) -> tuple[int, Connection]:
+        """Send a call to the child; ``waiter`` (kept in ``waiting``) receives its outcome."""
         conn = self._conn
-        if conn is None or self._loop is None:
-            raise ModelUnavailableError(f"Model '{self._name}' is not loaded ({self._error}).", retry_after=5)
+        if conn is None:
+            raise ModelUnavailableError(f"Model '{self._name}' is not available; retry later.", retry_after=5)
         call_id = next(self._ids)
-        future = self._loop.create_future()
-        self._pending[call_id] = future
+        waiting[call_id] = waiter
         try:
             conn.send((kind, call_id, payload))
         except OSError:  # the child just died; its reader thread reports it
-            self._pending.pop(call_id, None)
+            waiting.pop(call_id, None)
             raise ModelUnavailableError(
                 f"Model '{self._name}' stopped unexpectedly; retry shortly.", retry_after=5
             ) from None
+        return call_id, conn
+
+    def _cancel(self, call_id: int, conn: Connection, waiting: dict[int, Any]) -> None:
+        """The caller gave up on a call: the child drops it (or its sequence leaves the batch)."""
+        if waiting.pop(call_id, None) is not None and self._conn is conn:
+            with contextlib.suppress(OSError):
+                conn.send(("cancel", call_id))
+
+    async def _call(self, kind: str, payload: tuple[Any, ...]) -> Any:
+        assert self._loop is not None
+        future = self._loop.create_future()
+        call_id, conn = self._submit(kind, payload, self._pending, future)
         try:
             return await future
         except asyncio.CancelledError:
-            if self._pending.pop(call_id, None) is not None and self._conn is conn:
-                with contextlib.suppress(OSError):
-                    conn.send(("cancel", call_id))
+            self._cancel(call_id, conn, self._pending)
             raise
+
+    async def stream(self, messages: Sequence[Message], max_output_tokens: int) -> AsyncIterator[str | Completion]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        call_id, conn = self._submit("stream", (list(messages), max_output_tokens), self._streams, queue)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if not isinstance(item, str):
+                    return
+        finally:
+            self._cancel(call_id, conn, self._streams)  # a no-op once the result is in
 
     async def generate(self, messages: Sequence[Message], max_output_tokens: int) -> Completion:
         result: Completion = await self._call("generate", (list(messages), max_output_tokens))

@@ -37,6 +37,7 @@ class SequenceRequest:
     finish: Finish
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
+    on_token: Callable[[int], None] | None = None  # called with each new token, on the scheduler's thread
 
 
 class ContinuousBatch:
@@ -118,6 +119,8 @@ class ContinuousBatch:
             self._leave(row, Generated(request.tokens, "stop"), None)
             return
         request.tokens.append(token)
+        if request.on_token is not None:
+            request.on_token(token)
         if len(request.tokens) >= request.budget:
             self._leave(row, Generated(request.tokens, "length"), None)
 

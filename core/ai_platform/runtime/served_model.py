@@ -9,7 +9,7 @@ a native crash in onnxruntime costs that model's requests in flight, not the ser
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +19,7 @@ from ai_platform.runtime.kv_batch import new_batch
 from ai_platform.runtime.model import LanguageModel, PromptEncoder
 from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES
 from ai_platform.runtime.scheduler import ContinuousBatch
+from ai_platform.runtime.tokenizer import TextDeltas
 from ai_platform.runtime.worker import ModelWorker
 
 
@@ -66,6 +67,13 @@ class ServedModel(Protocol):
 
     async def generate(self, messages: Sequence[Message], max_output_tokens: int) -> Completion:
         """Greedy completion of ``messages`` with at most ``max_output_tokens`` new tokens."""
+        ...
+
+    def stream(self, messages: Sequence[Message], max_output_tokens: int) -> AsyncIterator[str | Completion]:
+        """:meth:`generate`, yielding the text as it is decoded (``str`` deltas), then the :class:`Completion`.
+
+        Closing the iterator early cancels the generation (its row leaves the batch at the next step).
+        """
         ...
 
     async def choose(self, messages: Sequence[Message], options: Sequence[str]) -> Choice:
@@ -125,6 +133,24 @@ class InProcessModel:
         prompt = await asyncio.to_thread(model.encode_prompt, messages)
         generated = await self._worker.generate(prompt, model.budget(prompt, max_output_tokens), model.eos_ids)
         return model.completion(generated)
+
+    async def stream(self, messages: Sequence[Message], max_output_tokens: int) -> AsyncIterator[str | Completion]:
+        model = self.model
+        prompt = await asyncio.to_thread(model.encode_prompt, messages)
+        tokens: asyncio.Queue[int | None] = asyncio.Queue()
+        budget = model.budget(prompt, max_output_tokens)
+        generation = asyncio.ensure_future(self._worker.generate(prompt, budget, model.eos_ids, tokens.put_nowait))
+        # Each token is handed over before the result, so the queue holds them all when None arrives.
+        generation.add_done_callback(lambda _: tokens.put_nowait(None))
+        deltas = TextDeltas(model.tokenizer)
+        try:
+            while (token := await tokens.get()) is not None:
+                if delta := deltas.push(token):
+                    yield delta
+            generated = generation.result()
+        finally:
+            generation.cancel()  # a no-op once it is done; else the sequence leaves the batch
+        yield model.completion(generated)
 
     async def choose(self, messages: Sequence[Message], options: Sequence[str]) -> Choice:
         model = self.model

@@ -129,3 +129,26 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` without special tokens."""
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class TextDeltas:
+    """The new text of a sequence growing a token at a time, as a streaming client should see it.
+
+    Decodes the whole sequence each time (byte-level BPE splits characters across tokens, so
+    a token alone may be half a character): a delta waits while the text ends in an incomplete
+    character, and leading whitespace is dropped, as :meth:`PromptEncoder.completion` strips it.
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._tokens: list[int] = []
+        self._sent = ""
+
+    def push(self, token: int) -> str:
+        """The text that ``token`` completes ("" while it is not known yet)."""
+        self._tokens.append(token)
+        text = self._tokenizer.decode(self._tokens).lstrip()
+        if text.endswith("\ufffd") or not text.startswith(self._sent):
+            return ""
+        delta, self._sent = text[len(self._sent) :], text
+        return delta

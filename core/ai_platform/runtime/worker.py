@@ -160,15 +160,31 @@ class ModelWorker:
         self._enqueue(job)
         return await self._wait(job, job.future)
 
-    async def generate(self, prompt: Sequence[int], budget: int, eos_ids: Collection[int]) -> Generated:
+    async def generate(
+        self,
+        prompt: Sequence[int],
+        budget: int,
+        eos_ids: Collection[int],
+        on_token: Callable[[int], None] | None = None,
+    ) -> Generated:
         """Greedy-decode ``prompt`` in the model's continuous batch (at most ``budget`` new tokens).
 
-        Cancelling the wait removes the sequence from the batch at the next step.
+        ``on_token`` is called with each new token, on the caller's event loop, before the
+        result. Cancelling the wait removes the sequence from the batch at the next step.
         """
         if self._batch is None:
             raise RuntimeError(f"worker {self.name!r} has no decode batch")
-        future: asyncio.Future[Generated] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Generated] = loop.create_future()
         request = SequenceRequest(prompt, budget, eos_ids, _reporter(future))
+        if on_token is not None:
+            report_token = on_token
+
+            def hand_over(token: int) -> None:
+                with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting
+                    loop.call_soon_threadsafe(report_token, token)
+
+            request.on_token = hand_over
         self._enqueue(request)
         return await self._wait(request, future)
 

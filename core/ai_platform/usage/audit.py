@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 from ai_platform.usage import statements
-from ai_platform.usage.database import describe, note_write, transactions
+from ai_platform.usage.database import describe, is_open, note_write, transactions
 from ai_platform.usage.models import AuditRecord
 
 log = logging.getLogger("ai_platform.audit")
@@ -164,7 +164,8 @@ class AuditTrail:
     async def _wait_to_retry(self, error: Exception) -> None:
         """Keep the rows (at most ``MAX_BACKLOG``, the newest) and wait before the next attempt."""
         self._failures += 1
-        note_write(error)
+        if is_open():  # (while it is not open yet, /health says so already)
+            note_write(error)
         if len(self._pending) > MAX_BACKLOG:
             dropped = len(self._pending) - MAX_BACKLOG
             self._pending = self._pending[dropped:]
@@ -173,6 +174,8 @@ class AuditTrail:
                 "dropped the %d oldest audit records: over %d waiting (they are in the log)", dropped, MAX_BACKLOG
             )
         delay = min(MAX_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** (self._failures - 1))
+        if not is_open():
+            delay = min(delay, 2.0)  # the rows go in soon after the database opens
         if self._failures == 1:
             log.exception("could not write %d audit records; retrying in %g s", len(self._pending), delay)
         else:

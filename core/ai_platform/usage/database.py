@@ -271,7 +271,7 @@ async def _open(url: str) -> TortoiseContext:
         await Tortoise.close_connections()
         raise
     _transactions = runner
-    _health.error, _health.next_attempt = None, None
+    _health.error, _health.next_attempt, _health.write_error = None, None, None
     return ctx
 
 
