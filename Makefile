@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS)) $(she
 	@echo "==> creating $(VENV) (server, built-in plugins, example third-party plugins, test tools)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]' $(addprefix -e ,$(PLUGINS))
+	$(BIN)/pip install -q -e '.[test,eval]' $(addprefix -e ,$(PLUGINS))
 	@# The examples install the way a third party's package would: from their folders, not editable.
 	$(BIN)/pip install -q --force-reinstall --no-deps $(addprefix ./,$(EXAMPLES))
 	@touch $@

@@ -8,10 +8,13 @@ everything else (HTTP, auth, limits, usage, timing, the ``meta`` block).
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
+import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -117,6 +120,63 @@ ModelCall = Generate | Choose
 ModelResult = Completion | Choice
 
 
+SPLITS = ("dev", "heldout")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Example:
+    """A labelled example of an operation, for ``ai-platform eval`` and ``ai-platform selftest``.
+
+    ``request`` is a request body (it must validate against the operation's ``request_type``).
+    ``expected`` holds response fields that a correct answer has, compared with the response's
+    fields of the same names: ``{"label": "billing"}`` (scored as classification for a
+    :class:`Choose` operation), ``{"translated_text": "..."}`` (a reference text for a
+    :class:`Generate` one). ``split``: ``"dev"`` examples may be read while writing prompts;
+    ``"heldout"`` ones never are, so that their scores say how the prompt does on unseen text.
+    ``id`` names the example in reports (default: its position).
+    """
+
+    request: Mapping[str, Any]
+    expected: Mapping[str, Any] = field(default_factory=dict)
+    split: Literal["dev", "heldout"] = "dev"
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request, Mapping):
+            raise ValueError(f"Example.request must be a mapping (a request body), not {type(self.request).__name__}")
+        if not isinstance(self.expected, Mapping):
+            raise ValueError(
+                f"Example.expected must be a mapping of response fields, not {type(self.expected).__name__}"
+            )
+        if self.split not in SPLITS:
+            raise ValueError(f"Example.split must be one of {', '.join(SPLITS)}, not {self.split!r}")
+
+
+def examples_file(package: str, resource: str = "examples.jsonl") -> Callable[[], tuple[Example, ...]]:
+    """Examples shipped as a JSON Lines file in ``package``, read on first use, never at startup.
+
+    Each line is an object with the fields of :class:`Example` (``request``, ``expected``,
+    ``split``, ``id``); blank lines are skipped. List the file in the package's data
+    (``[tool.setuptools.package-data]``) so that wheels carry it. Pass the result as
+    ``Operation(examples=...)``.
+    """
+
+    @functools.cache
+    def load() -> tuple[Example, ...]:
+        text = importlib.resources.files(package).joinpath(resource).read_text(encoding="utf-8")
+        examples = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(Example(**json.loads(line)))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{package}/{resource}, line {number}: {exc}") from exc
+        return tuple(examples)
+
+    return load
+
+
 def _request_text(request: Any) -> str:
     return str(request.text)
 
@@ -129,6 +189,9 @@ class Operation(Generic[Req, Resp]):
     the validation and the OpenAPI schema at once. ``response_type`` must have
     a ``meta: ResponseMeta`` field. ``input_text`` picks the text whose length
     counts as ``input_chars`` (default: the request's ``text`` field).
+    ``examples`` are labelled :class:`Example` s for ``ai-platform eval`` and
+    ``selftest``: a sequence, or a function returning one (called on first use, e.g.
+    :func:`examples_file`), so that startup never reads them.
     """
 
     name: str
@@ -139,6 +202,21 @@ class Operation(Generic[Req, Resp]):
     prompt: Callable[[Req], ModelCall]
     respond: Callable[[Req, Any, ResponseMeta], Resp]
     input_text: Callable[[Req], str] = field(default=_request_text)
+    # True when ``respond`` keeps the model's text as it is (only stripped): a streaming
+    # client then gets the text as it is decoded. Otherwise (``summarize`` cuts sentences)
+    # a stream carries only the final event, so it never shows text the answer does not have.
+    stream_deltas: bool = False
+    examples: Sequence[Example] | Callable[[], Sequence[Example]] = ()
+
+    def load_examples(self) -> tuple[Example, ...]:
+        """The operation's examples (calling ``examples`` if it is a function); ``ValueError`` if malformed."""
+        examples = self.examples() if callable(self.examples) else self.examples
+        if isinstance(examples, str | bytes | Mapping) or not isinstance(examples, Sequence):
+            raise ValueError(f"operation {self.name!r}: examples must be a sequence of Example")
+        for example in examples:
+            if not isinstance(example, Example):
+                raise ValueError(f"operation {self.name!r}: examples must be Example, not {type(example).__name__}")
+        return tuple(examples)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first problem with this spec."""
@@ -157,6 +235,8 @@ class Operation(Generic[Req, Resp]):
         for label in ("prompt", "respond", "input_text"):
             if not callable(getattr(self, label)):
                 raise ValueError(f"operation {self.name!r}: {label} must be callable")
+        if not callable(self.examples):  # a function is called on first use only: never at startup
+            self.load_examples()
         request_fields = {f.name for f in msgspec.structs.fields(self.request_type)}
         if self.input_text is _request_text and "text" not in request_fields:
             raise ValueError(f"operation {self.name!r}: request_type has no 'text' field; pass input_text=")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ai_platform_sentiment
 import pytest
 
+from ai_platform.evaluation.examples import check_examples
 from ai_platform.testing import CLIENT_HEADERS, check_operation
 
 pytestmark = pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -21,6 +22,18 @@ def test_labels_come_from_config(anyio_backend: str) -> None:
     assert check_operation(operation, {"text": "good"}).scores.keys() == {"good", "bad"}
     with pytest.raises(ValueError, match="at least two unique"):
         ai_platform_sentiment.build_operation(("good", "good"))
+
+
+def test_examples_match_the_schemas(anyio_backend: str) -> None:
+    examples = check_examples(ai_platform_sentiment.build_operation())
+    assert len(examples) == len(ai_platform_sentiment.EXAMPLES) == 12
+    assert {e.expected["sentiment"] for e in examples} == set(ai_platform_sentiment.DEFAULT_LABELS)
+    assert any(e.split == "heldout" for e in examples)
+
+
+def test_examples_follow_the_configured_labels(anyio_backend: str) -> None:
+    [operation] = ai_platform_sentiment.register_operations(config={"labels": ["positive", "negative"]})
+    assert {e.expected["sentiment"] for e in check_examples(operation)} == {"positive", "negative"}
 
 
 @pytest.mark.anyio

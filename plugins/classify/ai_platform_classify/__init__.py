@@ -13,6 +13,7 @@ from typing import Annotated
 import msgspec
 
 from ai_platform import Choice, Choose, Limits, Message, Operation, RequestId, ResponseMeta, hookimpl
+from ai_platform.operations import examples_file
 
 MAX_INPUT_CHARS = 2000
 # Prompt tokens (text, up to 50 categories and the instructions): room for the longest English
@@ -70,6 +71,9 @@ OPERATION = Operation(
     ),
     prompt=prompt,
     respond=respond,
+    # Labelled examples for `ai-platform eval` and `selftest` (examples.jsonl; its "heldout" lines are never
+    # used to tune the prompt): read on first use, not at startup.
+    examples=examples_file("ai_platform_classify"),
 )
 
 

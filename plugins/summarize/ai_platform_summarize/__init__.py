@@ -19,6 +19,7 @@ from ai_platform import (
     hookimpl,
 )
 from ai_platform.languages import language_name
+from ai_platform.operations import examples_file
 
 MAX_INPUT_CHARS = 8000
 # Prompt tokens (text and instructions): about twice what MAX_INPUT_CHARS of English make, so
@@ -82,6 +83,9 @@ OPERATION = Operation(
     ),
     prompt=prompt,
     respond=respond,
+    # Labelled examples for `ai-platform eval` and `selftest` (examples.jsonl; its "heldout" lines are never
+    # used to tune the prompt): read on first use, not at startup.
+    examples=examples_file("ai_platform_summarize"),
 )
 
 

@@ -18,6 +18,7 @@ from ai_platform import (
     hookimpl,
 )
 from ai_platform.languages import language_name
+from ai_platform.operations import examples_file
 
 MAX_INPUT_CHARS = 4000
 # Prompt tokens (text and instructions): about twice what MAX_INPUT_CHARS of English make, so
@@ -68,11 +69,15 @@ OPERATION = Operation(
     summary="Translate text from source_language to target_language.",
     request_type=TranslateRequest,
     response_type=TranslateResponse,
+    stream_deltas=True,  # respond returns the model's text as it is
     limits=Limits(
         max_input_chars=MAX_INPUT_CHARS, max_output_tokens=MAX_OUTPUT_TOKENS, max_input_tokens=MAX_INPUT_TOKENS
     ),
     prompt=prompt,
     respond=respond,
+    # Labelled examples for `ai-platform eval` and `selftest` (examples.jsonl; its "heldout" lines are never
+    # used to tune the prompt): read on first use, not at startup.
+    examples=examples_file("ai_platform_translate"),
 )
 
 
