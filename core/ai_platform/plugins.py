@@ -90,6 +90,10 @@ class LoadedPlugins:
         """The ``build_response`` hook: the operation's response, as wrapped by plugins."""
         return self.manager.hook.build_response(operation=operation, request=request, result=result, meta=meta)
 
+    def wraps_responses(self) -> bool:
+        """Whether a plugin implements ``build_response`` (and may change the text, as ``redact`` does)."""
+        return any(impl.plugin_name != CORE_PLUGIN_NAME for impl in self.manager.hook.build_response.get_hookimpls())
+
 
 class _CoreHooks:
     """The core's own implementations, which plugins' wrappers wrap."""

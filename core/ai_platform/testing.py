@@ -20,7 +20,7 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +148,17 @@ class FakeEngine:
         produced = words[:max_output_tokens]
         text = " ".join(produced) + ". Second sentence. Third sentence."
         return Completion(text=text, output_tokens=len(produced), finish_reason="length")
+
+    async def stream(
+        self, operation: str, call: Generate, *, max_output_tokens: int
+    ) -> AsyncGenerator[str | Completion, None]:
+        """``generate``'s answer a word at a time (``delay`` before each), then the Completion."""
+        completion = await self.generate(operation, call, max_output_tokens=max_output_tokens)
+        for index, word in enumerate(completion.text.split(" ")):
+            if index and self.delay:
+                await asyncio.sleep(self.delay)
+            yield word if index == 0 else " " + word
+        yield completion
 
     async def choose(self, operation: str, call: Choose) -> Choice:
         await self._enter(operation, call)

@@ -7,9 +7,11 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath, JSONBody
+from litestar.response import ServerSentEvent
 
 from ai_platform.api.auth import Principal
 from ai_platform.api.disconnect import cancel_on_disconnect
+from ai_platform.api.streaming import sse_events, wants_stream
 from ai_platform.api.validation import shorten
 from ai_platform.operations import NAME_PATTERN, Operation
 from ai_platform.services.operation_service import OperationService
@@ -21,6 +23,10 @@ def operation_route(operation: Operation, service: OperationService) -> HTTPRout
     async def handler(request: Request[Any, Any, Any], data: Any) -> Any:
         request.state.request_id = getattr(data, "request_id", None)
         caller: Principal = request.user
+        if wants_stream(request):
+            opened = service.open_stream(operation.name, data, key_id=caller.key_id)
+            rate_limit, events = await cancel_on_disconnect(request, opened)  # refusals: plain JSON, as always
+            return ServerSentEvent(sse_events(request, events), headers=rate_limit.headers())
         outcome = await cancel_on_disconnect(request, service.execute(operation.name, data, key_id=caller.key_id))
         request.state.output_tokens = outcome.output_tokens
         return Response(outcome.response, headers=outcome.rate_limit.headers())

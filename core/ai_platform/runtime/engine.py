@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,7 +187,9 @@ class InferenceEngine:
             max_output_tokens = min(max_output_tokens, call.max_output_tokens)
         return await model.generate(call.messages, max_output_tokens)
 
-    def stream(self, operation: str, call: Generate, *, max_output_tokens: int) -> AsyncIterator[str | Completion]:
+    def stream(
+        self, operation: str, call: Generate, *, max_output_tokens: int
+    ) -> AsyncGenerator[str | Completion, None]:
         """:meth:`generate`, yielding text deltas as they are decoded, then the :class:`Completion`.
 
         Closing the iterator before its end cancels the generation.

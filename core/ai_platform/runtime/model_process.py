@@ -27,7 +27,7 @@ import multiprocessing
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -401,7 +401,9 @@ class ModelProcess:
             self._cancel(call_id, conn, self._pending)
             raise
 
-    async def stream(self, messages: Sequence[Message], max_output_tokens: int) -> AsyncIterator[str | Completion]:
+    async def stream(
+        self, messages: Sequence[Message], max_output_tokens: int
+    ) -> AsyncGenerator[str | Completion, None]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         call_id, conn = self._submit("stream", (list(messages), max_output_tokens), self._streams, queue)
         try:

@@ -9,7 +9,7 @@ a native crash in onnxruntime costs that model's requests in flight, not the ser
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -69,7 +69,7 @@ class ServedModel(Protocol):
         """Greedy completion of ``messages`` with at most ``max_output_tokens`` new tokens."""
         ...
 
-    def stream(self, messages: Sequence[Message], max_output_tokens: int) -> AsyncIterator[str | Completion]:
+    def stream(self, messages: Sequence[Message], max_output_tokens: int) -> AsyncGenerator[str | Completion, None]:
         """:meth:`generate`, yielding the text as it is decoded (``str`` deltas), then the :class:`Completion`.
 
         Closing the iterator early cancels the generation (its row leaves the batch at the next step).
@@ -134,7 +134,9 @@ class InProcessModel:
         generated = await self._worker.generate(prompt, model.budget(prompt, max_output_tokens), model.eos_ids)
         return model.completion(generated)
 
-    async def stream(self, messages: Sequence[Message], max_output_tokens: int) -> AsyncIterator[str | Completion]:
+    async def stream(
+        self, messages: Sequence[Message], max_output_tokens: int
+    ) -> AsyncGenerator[str | Completion, None]:
         model = self.model
         prompt = await asyncio.to_thread(model.encode_prompt, messages)
         tokens: asyncio.Queue[int | None] = asyncio.Queue()

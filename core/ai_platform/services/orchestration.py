@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,7 +36,7 @@ import msgspec
 
 from ai_platform.errors import OperationError, PlatformError, RequestTimeoutError, RequestValidationError
 from ai_platform.operations import Choice, Choose, Completion, Generate, ModelCall, Operation, ResponseMeta
-from ai_platform.usage.limit_service import LimitService, RateLimit
+from ai_platform.usage.limit_service import LimitService, RateLimit, Reservation
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,21 @@ class ExecutionHooks(Protocol):
     def build_model_call(self, operation: Operation, request: Any) -> Generate | Choose: ...  # type: ignore[type-arg]
 
     def build_response(self, operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any: ...  # type: ignore[type-arg]
+
+    def wraps_responses(self) -> bool:
+        """Whether a plugin may change the response's text (streams then carry only the final event)."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """A request that passed every check and holds its place in the limit."""
+
+    call: ModelCall
+    input_text: str
+    reservation: Reservation
+    started: float  # time.perf_counter() at the request's start
+    deadline: float  # the event loop's time when it times out
 
 
 @dataclass(frozen=True)
@@ -137,9 +152,74 @@ class OrchestrationService:
 
     async def run(self, operation: Operation, request: Any, *, key_id: str) -> Outcome:  # type: ignore[type-arg]
         """Execute one validated request for the caller with key id ``key_id``."""
+        admitted = await self._admit(operation, request, key_id)
+        try:
+            async with self._deadline(admitted.deadline):
+                result = await self._call_model(operation, admitted.call)
+            # Runs to its end even if the request is cancelled meanwhile (then counted: README, "API").
+            return await self._settle(operation, request, admitted, result)
+        except BaseException:
+            # Failed, cancelled (client gone), timed out or not recorded: not a served request.
+            # (After a commit that a cancellation interrupted, this finds nothing left to give back.)
+            await self.limits.release(admitted.reservation)
+            raise
+
+    async def open_stream(
+        self,
+        operation: Operation,  # type: ignore[type-arg]
+        request: Any,
+        *,
+        key_id: str,
+    ) -> tuple[RateLimit, AsyncGenerator[str | Outcome, None]]:
+        """A request answered as a stream: everything that can refuse it runs now, as in :meth:`run`.
+
+        Returns the caller's limit after admission and an iterator of the text as it is
+        decoded (only for operations with ``stream_deltas`` and no plugin wrapping
+        ``build_response``), then the :class:`Outcome`, counted just before it is yielded.
+        Closing the iterator before that stops the generation and counts nothing.
+        """
+        admitted = await self._admit(operation, request, key_id)
+        return admitted.reservation.rate_limit, self._streamed(operation, request, admitted)
+
+    async def _streamed(
+        self,
+        operation: Operation,  # type: ignore[type-arg]
+        request: Any,
+        admitted: _Admitted,
+    ) -> AsyncGenerator[str | Outcome, None]:
+        settled = False
+        try:
+            call = admitted.call
+            deltas = operation.stream_deltas and not self.hooks.wraps_responses() and isinstance(call, Generate)
+            stream = getattr(self.engine, "stream", None)
+            if deltas and stream is not None and isinstance(call, Generate):
+                pieces: AsyncGenerator[str | Completion, None] = stream(
+                    operation.name, call, max_output_tokens=self._output_limit(operation, call)
+                )
+                try:
+                    while True:
+                        async with self._deadline(admitted.deadline):
+                            item = await anext(pieces)
+                        if not isinstance(item, str):
+                            result: Completion | Choice = item
+                            break
+                        yield item
+                finally:
+                    await pieces.aclose()  # a no-op after the result; else the generation stops
+            else:
+                async with self._deadline(admitted.deadline):
+                    result = await self._call_model(operation, call)
+            outcome = await self._settle(operation, request, admitted, result)
+            settled = True
+            yield outcome
+        finally:
+            if not settled:  # abandoned, failed or timed out: not a served request
+                await self.limits.release(admitted.reservation)
+
+    async def _admit(self, operation: Operation, request: Any, key_id: str) -> _Admitted:  # type: ignore[type-arg]
+        """Everything that can refuse the request, then its place in the limit."""
         started = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self.timeout_seconds
-        # Everything that can refuse the request runs before it takes a place in the limit.
         input_text = self._plugin_step(operation, "input_text", operation.input_text, request)
         self._check_input(operation, request, input_text)
         call = self._plugin_step(operation, "prompt", self.hooks.build_model_call, operation, request)
@@ -147,27 +227,28 @@ class OrchestrationService:
         async with self._deadline(deadline):
             await self._check_with_engine(operation, call, _input_loc(request, input_text))
         reservation = await self.limits.admit(operation.name, key_id)  # cancellation-safe
-        try:
-            async with self._deadline(deadline):
-                result = await self._call_model(operation, call)
-            meta = ResponseMeta(
-                operation=operation.name,
-                model_used=self.engine.model_name(operation.name),
-                input_chars=len(input_text),
-                output_tokens=result.output_tokens,
-                execution_time_ms=round((time.perf_counter() - started) * 1000, 1),
-                request_id=getattr(request, "request_id", None),
-                timestamp=iso_timestamp(self._clock()),
-            )
-            response = self._plugin_step(operation, "respond", self._respond, operation, request, result, meta)
-            # Runs to its end even if the request is cancelled meanwhile (then counted: README, "API").
-            await self.limits.commit(reservation, tokens=result.output_tokens)
-        except BaseException:
-            # Failed, cancelled (client gone), timed out or not recorded: not a served request.
-            # (After a commit that a cancellation interrupted, this finds nothing left to give back.)
-            await self.limits.release(reservation)
-            raise
-        return Outcome(response, result.output_tokens, reservation.rate_limit)
+        return _Admitted(call, input_text, reservation, started, deadline)
+
+    async def _settle(
+        self,
+        operation: Operation,  # type: ignore[type-arg]
+        request: Any,
+        admitted: _Admitted,
+        result: Completion | Choice,
+    ) -> Outcome:
+        """The response for the model's result, counted."""
+        meta = ResponseMeta(
+            operation=operation.name,
+            model_used=self.engine.model_name(operation.name),
+            input_chars=len(admitted.input_text),
+            output_tokens=result.output_tokens,
+            execution_time_ms=round((time.perf_counter() - admitted.started) * 1000, 1),
+            request_id=getattr(request, "request_id", None),
+            timestamp=iso_timestamp(self._clock()),
+        )
+        response = self._plugin_step(operation, "respond", self._respond, operation, request, result, meta)
+        await self.limits.commit(admitted.reservation, tokens=result.output_tokens)
+        return Outcome(response, result.output_tokens, admitted.reservation.rate_limit)
 
     @asynccontextmanager
     async def _deadline(self, deadline: float) -> AsyncIterator[None]:
@@ -243,10 +324,15 @@ class OrchestrationService:
 
     async def _call_model(self, operation: Operation, call: ModelCall) -> Completion | Choice:  # type: ignore[type-arg]
         if isinstance(call, Generate):
-            limit = operation.limits.max_output_tokens
-            wanted = min(call.max_output_tokens or limit, limit)
-            return await self.engine.generate(operation.name, call, max_output_tokens=wanted)
+            return await self.engine.generate(
+                operation.name, call, max_output_tokens=self._output_limit(operation, call)
+            )
         return await self.engine.choose(operation.name, call)
+
+    @staticmethod
+    def _output_limit(operation: Operation, call: Generate) -> int:  # type: ignore[type-arg]
+        limit = operation.limits.max_output_tokens
+        return min(call.max_output_tokens or limit, limit)
 
     def _respond(self, operation: Operation, request: Any, result: Completion | Choice, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
         response = self.hooks.build_response(operation, request, result, meta)

@@ -1,0 +1,64 @@
+"""Operations answered as Server-Sent Events, for clients that send ``Accept: text/event-stream``.
+
+Everything that can refuse a request (key, validation, limits, a model that is not loaded)
+answers before the stream starts, as plain JSON with its status code. The stream then
+carries ``delta`` events (``{"text": ...}``: the answer's text as it is decoded, for
+operations whose text is not post-processed) and ends with one ``result`` event holding
+exactly the body the non-streaming call returns (``meta`` included), or one ``error`` event
+holding the seed's error body (``{"detail": ...}``, with its ``status``). A request is
+counted when its ``result`` is produced; a client that hangs up before that is not counted,
+and its generation stops at the model's next step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import msgspec
+from litestar import Request
+from litestar.response import ServerSentEventMessage
+
+from ai_platform.errors import PlatformError, RequestValidationError
+from ai_platform.services.orchestration import Outcome
+
+log = logging.getLogger(__name__)
+
+EVENT_STREAM = "text/event-stream"
+
+
+def wants_stream(request: Request[Any, Any, Any]) -> bool:
+    """The client asked for Server-Sent Events."""
+    return EVENT_STREAM in request.headers.get("accept", "")
+
+
+def _json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def _error_body(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, RequestValidationError):
+        return {"status": 422, "error": "Request validation failed.", "detail": exc.errors}
+    if isinstance(exc, PlatformError):
+        return {"status": exc.status_code, "detail": exc.detail}
+    log.exception("stream failed", exc_info=exc)
+    return {"status": 500, "detail": "Internal server error."}
+
+
+async def sse_events(
+    request: Request[Any, Any, Any], events: AsyncGenerator[str | Outcome, None]
+) -> AsyncGenerator[ServerSentEventMessage, None]:
+    """The stream's events; the audit trail sees the status of how it ended."""
+    try:
+        async for event in events:
+            if isinstance(event, str):
+                yield ServerSentEventMessage(event="delta", data=_json({"text": event}))
+            else:
+                request.state.output_tokens = event.output_tokens
+                yield ServerSentEventMessage(event="result", data=_json(event.response))
+    except Exception as exc:  # after the 200 went out: the error travels as the stream's last event
+        body = _error_body(exc)
+        yield ServerSentEventMessage(event="error", data=_json(body))
+    finally:
+        await events.aclose()
