@@ -2,8 +2,8 @@
 
 Two engines over the same model folder, one with ``isolation="thread"`` (the model in this
 process) and one with ``isolation="process"`` (a supervised child process, the default),
-called in alternation so both see the same machine load: a classify-style choice, a
-one-token generation (prefill and the round trip, nothing else) and a 32-token generation,
+called in alternation so both see the same machine load: a call that does no model work, a
+classify-style choice, a one-token generation (prefill and the round trip, nothing else) and a 32-token generation,
 one call at a time, then 8 concurrent 32-token generations. Prints medians over all
 rounds, the difference in ms and the ratio process ÷ thread, and the memory of each.
 
@@ -44,6 +44,8 @@ def cases(engine: InferenceEngine) -> dict[str, Callable[[int], Awaitable[object
         return await asyncio.gather(*calls)
 
     return {
+        # No model work (a budget of 0 finishes at admission): tokenising and the round trip only.
+        "generate 0 tokens": lambda i: engine.generate("op", Generate(messages=messages(text(i))), max_output_tokens=0),
         "choose (classify)": lambda i: engine.choose("op", Choose(messages=messages(text(i)), options=LABELS)),
         "generate 1 token": lambda i: engine.generate("op", Generate(messages=messages(text(i))), max_output_tokens=1),
         "generate 32 tokens": lambda i: engine.generate(
