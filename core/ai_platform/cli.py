@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     keys.add_argument("--path", default=".env")
     keys.set_defaults(func=cmd_keys)
 
+    from ai_platform.evaluation.command import add_commands  # eval, selftest (issue 12)
+
+    add_commands(sub)
+
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -11,7 +11,7 @@ import msgspec
 import psutil
 from litestar import Request, Router, get, head, put
 from litestar.handlers import HTTPRouteHandler
-from litestar.params import JSONBody
+from litestar.params import FromQuery, JSONBody
 
 from ai_platform.api.auth import API_KEY_HEADER, KeyRing, admin_only
 from ai_platform.api.schemas import (
@@ -42,11 +42,28 @@ class DatabaseHealth(msgspec.Struct, kw_only=True):
     next_attempt_seconds: float | None = None  # not open yet (the server started without it): next try in
 
 
+class SelfTestHealth(msgspec.Struct, kw_only=True):
+    """One operation's self-test (``ai_platform.evaluation.selftest``)."""
+
+    operation: str
+    model: str | None
+    result: str  # "pass", "fail" or "skipped" (the operation ships no examples)
+    latency_ms: float | None
+    error: str | None = None  # why it failed or was skipped
+    example: str | None = None  # the example that ran
+
+
 class SystemHealthResponse(AdminHealthResponse, kw_only=True):
     """What an admin sees: ``AdminHealthResponse`` and the usage database's state (without it, operations and
     limits answer 503)."""
 
     database: DatabaseHealth
+
+
+class DeepHealthResponse(SystemHealthResponse, kw_only=True):
+    """``?deep=true`` (admin key): also one example per operation through the running engine."""
+
+    selftest: list[SelfTestHealth]
 
 
 def _limit_entry(info: LimitInfo) -> LimitEntry:
@@ -130,24 +147,35 @@ def health_route(engine: Any, plugins: LoadedPlugins, keyring: KeyRing | None = 
         tags=["system"],
         summary="Liveness, resources and models (no key); with an admin key also errors, plugins and the database.",
     )
-    async def health(request: Request[Any, Any, Any]) -> HealthResponse | SystemHealthResponse:
+    async def health(
+        request: Request[Any, Any, Any], deep: FromQuery[bool] = False
+    ) -> HealthResponse | SystemHealthResponse | DeepHealthResponse:
+        admin = is_admin(request)
+        checks = None
+        if deep:  # runs the models: admins only (issue 12)
+            if not admin:
+                raise AuthenticationError("This action requires an admin API key.")
+            from ai_platform.evaluation.selftest import selftest
+
+            checks = await selftest(plugins.operations, engine, plugins)
         memory = psutil.virtual_memory()
         statuses = engine.status()
         problems = plugins.problems
         db = await database_status()
         healthy = all(s.loaded for s in statuses) and not problems and db.available
+        healthy = healthy and all(c.passed for c in checks or ())
         status = "healthy" if healthy else "degraded"
         uptime = round(time.monotonic() - started, 1)
         used, total = round((memory.total - memory.available) / MB, 1), round(memory.total / MB, 1)
         cpu = psutil.cpu_percent(interval=None)
         timestamp = iso_timestamp(datetime.now(UTC))
-        if not is_admin(request):
+        if not admin:
             return HealthResponse(
                 status=status, uptime_seconds=uptime, memory_used_mb=used, memory_total_mb=total, cpu_percent=cpu,
                 models=[PublicModelHealth(name=f"{s.operation} ({s.model})", loaded=s.loaded, path=s.path) for s in statuses],
                 timestamp=timestamp,
             )  # fmt: skip
-        return SystemHealthResponse(
+        response = SystemHealthResponse(
             status=status, uptime_seconds=uptime, memory_used_mb=used, memory_total_mb=total, cpu_percent=cpu,
             process_rss_mb=round(process.memory_info().rss / MB, 1),
             models=[
@@ -161,6 +189,16 @@ def health_route(engine: Any, plugins: LoadedPlugins, keyring: KeyRing | None = 
             database=DatabaseHealth(
                 available=db.available, error=db.error, next_attempt_seconds=db.next_attempt_seconds
             ),
+        )  # fmt: skip
+        if checks is None:
+            return response
+        return DeepHealthResponse(
+            **msgspec.structs.asdict(response),
+            selftest=[
+                SelfTestHealth(operation=c.operation, model=c.model, result=c.result, latency_ms=c.latency_ms,
+                               error=c.error, example=c.example)
+                for c in checks
+            ],
         )  # fmt: skip
 
     @head("/health", tags=["system"], summary="Liveness for load balancers: 200, no body (no key).")
