@@ -153,15 +153,7 @@ def create_app(
     if engine is None:
         from ai_platform.runtime.engine import InferenceEngine  # heavy import: only when serving
 
-        engine = InferenceEngine(
-            settings.models_dir,
-            models,
-            execution_provider=settings.execution_provider,
-            max_queue=settings.max_queue_per_model,
-            max_batch=settings.max_batch_per_model,
-            prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
-            isolation=settings.model_isolation,
-        )
+        engine = InferenceEngine.from_settings(settings, models)
     platform = PlatformPlugin(settings, plugins, engine)
     app = Litestar(
         plugins=[platform],

@@ -46,6 +46,11 @@ class RequestValidationError(PlatformError):
         super().__init__("Request validation failed.")
         self.errors = errors
 
+    @classmethod
+    def one(cls, type: str, msg: str, *, loc: list[str] | None = None, input: object = None) -> RequestValidationError:
+        """A 422 with one error entry (``loc`` defaults to the body's ``text``)."""
+        return cls([{"type": type, "loc": loc or ["body", "text"], "msg": msg, "input": input}])
+
 
 class LimitExceededError(PlatformError):
     """A daily limit (of the operation, or of the caller's key) is used up."""

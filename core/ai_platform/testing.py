@@ -105,16 +105,9 @@ class FakeEngine:
         if isinstance(call, Choose):
             size += max((len(option) for option in call.options), default=0)
         if size > self.max_prompt_chars:
-            raise RequestValidationError(
-                [
-                    {
-                        "type": "string_too_long",
-                        "loc": ["body", "text"],
-                        "msg": f"Input is too long for the model's context window "
-                        f"({size} characters; at most {self.max_prompt_chars}).",
-                        "input": None,
-                    }
-                ]
+            raise RequestValidationError.one(
+                "string_too_long",
+                f"Input is too long for the model's context window ({size} characters; at most {self.max_prompt_chars}).",
             )
 
     async def check(self, operation: str, call: Generate | Choose) -> int:

@@ -55,6 +55,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     EXECUTOR_CACHE.clear()
 
 
+def _stop(servers: list[ServerProcess], *, seconds: float) -> None:
+    """SIGTERM each server still running; kill it if it has not stopped after ``seconds``."""
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+            try:
+                server.process.wait(timeout=seconds)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
 @pytest.fixture
 def serve(env: dict[str, str], tmp_path: Path) -> Iterator[object]:
     """``serve(database_url, workers=1, **extra_env)`` starts ``serve_fake.py`` and waits until it is ready."""
@@ -80,13 +91,7 @@ def serve(env: dict[str, str], tmp_path: Path) -> Iterator[object]:
         return server
 
     yield start
-    for server in started:
-        if server.process.poll() is None:
-            server.process.send_signal(signal.SIGTERM)
-            try:
-                server.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
+    _stop(started, seconds=15)
 
 
 @pytest.fixture
@@ -127,10 +132,4 @@ def serve_cli(tmp_path: Path) -> Iterator[object]:
         return server
 
     yield start
-    for server in started:
-        if server.process.poll() is None:
-            server.process.send_signal(signal.SIGTERM)
-            try:
-                server.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+    _stop(started, seconds=30)

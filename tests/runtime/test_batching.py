@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -26,9 +27,11 @@ class Outcomes:
         self.results: dict[str, Generated] = {}
         self.errors: dict[str, BaseException] = {}
 
-    def request(self, name: str, prompt: list[int], budget: int, eos: frozenset[int] = frozenset()) -> SequenceRequest:
+    def request(
+        self, name: str, prompt: Sequence[int], budget: int, eos: frozenset[int] = frozenset()
+    ) -> SequenceRequest:
         def finish(result: Generated | None, error: BaseException | None) -> None:
-            assert name not in self.results and name not in self.errors, "finished twice"
+            assert name not in self.results and name not in self.errors, f"{name} finished twice"
             if error is not None:
                 self.errors[name] = error
             else:
@@ -36,6 +39,9 @@ class Outcomes:
                 self.results[name] = result
 
         return SequenceRequest(prompt, budget, eos, finish)
+
+    def done(self, *names: str) -> bool:
+        return all(name in self.results or name in self.errors for name in names)
 
 
 def prompts(model: LanguageModel) -> list[list[int]]:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import anyio
 import numpy as np
 import pytest
+from test_batching import Outcomes
 
 from ai_platform.errors import ModelUnavailableError
 from ai_platform.operations import Message
@@ -53,28 +54,6 @@ def long_prompt(tiny_model: LanguageModel) -> list[int]:
 
 def alone(model: LanguageModel, prompt: Sequence[int], budget: int) -> Generated:
     return greedy_generate(model.decoder, prompt, max_new_tokens=budget, eos_ids=NO_EOS)
-
-
-class Outcomes:
-    """Each request's result or error by name; a second finish of one request fails the test."""
-
-    def __init__(self) -> None:
-        self.results: dict[str, Generated] = {}
-        self.errors: dict[str, BaseException] = {}
-
-    def request(self, name: str, prompt: Sequence[int], budget: int) -> SequenceRequest:
-        def finish(result: Generated | None, error: BaseException | None) -> None:
-            assert name not in self.results and name not in self.errors, f"{name} finished twice"
-            if error is not None:
-                self.errors[name] = error
-            else:
-                assert result is not None
-                self.results[name] = result
-
-        return SequenceRequest(prompt, budget, NO_EOS, finish)
-
-    def done(self, *names: str) -> bool:
-        return all(name in self.results or name in self.errors for name in names)
 
 
 def step_until(batch: ContinuousBatch, condition: Callable[[], bool], *, most: int = 2000) -> None:

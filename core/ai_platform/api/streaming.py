@@ -20,6 +20,7 @@ import msgspec
 from litestar import Request
 from litestar.response import ServerSentEventMessage
 
+from ai_platform.api.errors import VALIDATION_MESSAGE
 from ai_platform.errors import PlatformError, RequestValidationError
 from ai_platform.services.orchestration import Outcome
 
@@ -39,7 +40,7 @@ def _json(value: Any) -> str:
 
 def _error_body(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, RequestValidationError):
-        return {"status": 422, "error": "Request validation failed.", "detail": exc.errors}
+        return {"status": 422, "error": VALIDATION_MESSAGE, "detail": exc.errors}
     if isinstance(exc, PlatformError):
         return {"status": exc.status_code, "detail": exc.detail}
     log.exception("stream failed", exc_info=exc)

@@ -144,16 +144,7 @@ def cmd_selftest(args: argparse.Namespace) -> None:
     models = loaded.assign_models(settings)
     from ai_platform.runtime.engine import InferenceEngine
 
-    # The engine serve builds (ai_platform.app.create_app), from the same settings.
-    engine = InferenceEngine(
-        settings.models_dir,
-        models,
-        execution_provider=settings.execution_provider,
-        max_queue=settings.max_queue_per_model,
-        max_batch=settings.max_batch_per_model,
-        prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
-        isolation=settings.model_isolation,
-    )
+    engine = InferenceEngine.from_settings(settings, models)  # the engine serve builds
 
     async def run() -> list[Any]:
         await engine.start()

@@ -15,6 +15,7 @@ from ai_platform.runtime.model_process import ModelProcess
 from ai_platform.runtime.onnx_model import EXECUTION_PROVIDERS
 from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES
 from ai_platform.runtime.served_model import InProcessModel, ModelOptions, ServedModel
+from ai_platform.settings import Settings
 
 MODEL_ISOLATIONS = ("process", "thread")
 
@@ -54,6 +55,19 @@ class InferenceEngine:
     :meth:`status` and makes its operations raise :class:`ModelUnavailableError`, while
     others keep working.
     """
+
+    @classmethod
+    def from_settings(cls, settings: Settings, operation_models: Mapping[str, str]) -> InferenceEngine:
+        """The engine ``ai-platform serve`` runs (also ``selftest``), for ``operation_models``."""
+        return cls(
+            settings.models_dir,
+            operation_models,
+            execution_provider=settings.execution_provider,
+            max_queue=settings.max_queue_per_model,
+            max_batch=settings.max_batch_per_model,
+            prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
+            isolation=settings.model_isolation,
+        )
 
     def __init__(
         self,

@@ -54,16 +54,9 @@ class PromptEncoder:
         """Reject a prompt that leaves fewer than ``reserved`` positions of context for the answer."""
         most = self.max_positions - reserved
         if prompt_tokens > most:
-            raise RequestValidationError(
-                [
-                    {
-                        "type": "string_too_long",
-                        "loc": ["body", "text"],
-                        "msg": f"Input is too long for the model's context window "
-                        f"({prompt_tokens} tokens; at most {max(most, 0)}).",
-                        "input": None,
-                    }
-                ]
+            raise RequestValidationError.one(
+                "string_too_long",
+                f"Input is too long for the model's context window ({prompt_tokens} tokens; at most {max(most, 0)}).",
             )
 
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]:

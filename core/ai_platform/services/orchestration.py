@@ -190,8 +190,8 @@ class OrchestrationService:
         settled = False
         try:
             call = admitted.call
-            deltas = operation.stream_deltas and not self.hooks.wraps_responses() and isinstance(call, Generate)
             stream = getattr(self.engine, "stream", None)
+            deltas = operation.stream_deltas and not self.hooks.wraps_responses()
             if deltas and stream is not None and isinstance(call, Generate):
                 pieces: AsyncGenerator[str | Completion, None] = stream(
                     operation.name, call, max_output_tokens=self._output_limit(operation, call)
@@ -266,27 +266,19 @@ class OrchestrationService:
         # for plugins whose schema does not.
         limit = operation.limits.max_input_chars
         if len(text) > limit:
-            raise RequestValidationError(
-                [
-                    {
-                        "type": "string_too_long",
-                        "loc": _input_loc(request, text),
-                        "msg": f"String should have at most {limit} characters",
-                        "input": text[:100] + "…",
-                    }
-                ]
+            raise RequestValidationError.one(
+                "string_too_long",
+                f"String should have at most {limit} characters",
+                loc=_input_loc(request, text),
+                input=text[:100] + "…",
             )
         if not text.strip():
             # Nothing for the model to work on: it would answer anyway, inventing one.
-            raise RequestValidationError(
-                [
-                    {
-                        "type": "string_too_short",
-                        "loc": _input_loc(request, text),
-                        "msg": "String should have at least 1 non-whitespace character",
-                        "input": text if len(text) <= 100 else text[:100] + "…",
-                    }
-                ]
+            raise RequestValidationError.one(
+                "string_too_short",
+                "String should have at least 1 non-whitespace character",
+                loc=_input_loc(request, text),
+                input=text if len(text) <= 100 else text[:100] + "…",
             )
 
     @staticmethod
@@ -310,16 +302,10 @@ class OrchestrationService:
         tokens = await check(operation.name, call)
         limit = operation.limits.max_input_tokens
         if limit is not None and isinstance(tokens, int) and tokens > limit:
-            raise RequestValidationError(
-                [
-                    {
-                        "type": "string_too_long",
-                        "loc": loc,
-                        "msg": f"Input is too long for operation '{operation.name}': its prompt is {tokens} "
-                        f"tokens; at most {limit}.",
-                        "input": None,
-                    }
-                ]
+            raise RequestValidationError.one(
+                "string_too_long",
+                f"Input is too long for operation '{operation.name}': its prompt is {tokens} tokens; at most {limit}.",
+                loc=loc,
             )
 
     async def _call_model(self, operation: Operation, call: ModelCall) -> Completion | Choice:  # type: ignore[type-arg]
