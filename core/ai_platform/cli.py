@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
 from ai_platform.errors import ConfigurationError, PluginError
-from ai_platform.settings import Settings
+from ai_platform.settings import PluginSettings, Settings
+
+# `ai-platform plugins --url`'s admin key, when not given as --api-key (which other users can read in `ps`).
+API_KEY_VARIABLE = "AI_PLATFORM_API_KEY"
 
 # uvicorn's graceful shutdown waits for requests in flight up to REQUEST_TIMEOUT_SECONDS plus this: time
 # for a request stopped by its timeout to send its 504. systemd's TimeoutStopSec (deploy/systemd) is longer
@@ -50,10 +57,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     problem = sqlite_folder_problem(settings.database_url)
     if problem:  # a folder the service user cannot use: retrying would not help (systemd restarts it anyway)
         sys.exit(f"ai-platform: cannot start: DATABASE_URL: {problem}")
+    # Build the app once here to fail with a readable message rather than in every worker. Its log lines
+    # (a plugin that failed, an unused model map entry) are the worker's to write: silenced, they appear once.
+    logging.disable(logging.CRITICAL)
     try:
-        app_factory()  # fail here, once, with a readable message rather than in every worker
+        app_factory()
     except (ConfigurationError, PluginError) as exc:
         sys.exit(f"ai-platform: cannot start: {exc}")
+    finally:
+        logging.disable(logging.NOTSET)
     uvicorn.run(
         "ai_platform.cli:app_factory",
         factory=True,
@@ -106,25 +118,80 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 
 def cmd_plugins(args: argparse.Namespace) -> None:
+    """List plugins as this environment loads them, or as the server at ``--url`` did; exit 1 if one has an error."""
+    if args.url:
+        view = {"view": "server", "url": args.url}
+        heading = f"Plugins of the server at {args.url} (its GET /plugins)"
+        plugins = _server_plugins(args.url, args.api_key or os.environ.get(API_KEY_VARIABLE))
+    else:
+        view = {"view": "local", "environment": sys.prefix}
+        heading = (
+            f"Plugins as this environment ({sys.prefix}) loads them with the settings here;"
+            " a running server's may differ: ai-platform plugins --url URL"
+        )
+        plugins = _local_plugins()
+    if args.json:
+        print(json.dumps({**view, "plugins": plugins}, indent=2))
+    else:
+        print(heading)
+        rows = [("NAME", "VERSION", "STATUS", "OPERATIONS", "HOOKS", "ERROR")]
+        for p in plugins:
+            rows.append(
+                (
+                    p["name"],
+                    p["version"] or "-",
+                    p["status"],
+                    ",".join(p["operations"]) or "-",
+                    ",".join(p["hooks"]) or "-",
+                    p["error"] or "",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)) + "  " + row[5])
+    if any(p["error"] for p in plugins):  # failed, or lost an operation (no model): what /health calls degraded
+        sys.exit(1)
+
+
+def _local_plugins() -> list[dict[str, Any]]:
+    """Load the plugins as ``serve`` would, reading only the plugin settings: listing needs no secrets."""
     from ai_platform.plugins import describe, load_configured_plugins
 
-    settings = _settings()
     try:
+        settings = PluginSettings.from_env()
         loaded = load_configured_plugins(settings)
         loaded.assign_models(settings)
     except (PluginError, ConfigurationError) as exc:
         sys.exit(f"ai-platform: {exc}")
-    if args.json:
-        print(json.dumps(describe(loaded.plugins), indent=2))
-        return
-    rows = [("NAME", "VERSION", "STATUS", "OPERATIONS", "HOOKS", "ERROR")]
-    for p in loaded.plugins:
-        rows.append(
-            (p.name, p.version or "-", p.status, ",".join(p.operations) or "-", ",".join(p.hooks) or "-", p.error or "")
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)) + "  " + row[5])
+    return describe(loaded.plugins)
+
+
+def _server_plugins(url: str, api_key: str | None) -> list[dict[str, Any]]:
+    """The body of the server's ``GET /plugins`` (an admin endpoint), or exit naming what went wrong."""
+    import urllib.error
+    import urllib.request
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        sys.exit(f"ai-platform: --url must be the server's http:// or https:// address, not {url!r}")
+    if not api_key:
+        sys.exit(f"ai-platform: --url needs an admin key: set {API_KEY_VARIABLE} (or pass --api-key)")
+    endpoint = url.rstrip("/") + "/plugins"
+    request = urllib.request.Request(endpoint, headers={"X-API-Key": api_key, "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 403:
+            sys.exit(f"ai-platform: {endpoint} refused the key: it needs an admin key (ADMIN_API_KEYS)")
+        sys.exit(f"ai-platform: {endpoint} answered {exc.code} {exc.reason}")
+    except (urllib.error.URLError, OSError) as exc:
+        sys.exit(f"ai-platform: cannot reach {endpoint}: {getattr(exc, 'reason', exc)}")
+    except ValueError:
+        sys.exit(f"ai-platform: {endpoint} did not answer with JSON: is {url} an AI Platform server?")
+    if not isinstance(body, dict) or not isinstance(body.get("plugins"), list):
+        sys.exit(f"ai-platform: {endpoint} did not answer with a plugin list: is {url} an AI Platform server?")
+    return cast(list[dict[str, Any]], body["plugins"])
 
 
 def cmd_plugins_new(args: argparse.Namespace) -> None:
@@ -188,8 +255,16 @@ def main(argv: list[str] | None = None) -> None:
     migrate = sub.add_parser("migrate", help="create or upgrade the usage database schema")
     migrate.set_defaults(func=cmd_migrate)
 
-    plugins = sub.add_parser("plugins", help="list plugins and their status; `plugins new NAME` scaffolds one")
+    plugins = sub.add_parser(
+        "plugins",
+        help="list plugins and their status (exit 1 if one has an error); `plugins new NAME` scaffolds one",
+        description="List plugins as this environment loads them with the settings here (the plugin settings"
+        " only: no secrets needed), or with --url as a running server loaded them. Exits 1 if a plugin failed"
+        " or lost an operation.",
+    )
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.add_argument("--url", help="a running server's address, e.g. http://127.0.0.1:8000: show its view")
+    plugins.add_argument("--api-key", help=f"admin key for --url (default: the {API_KEY_VARIABLE} variable)")
     plugins.set_defaults(func=cmd_plugins)
     new = plugins.add_subparsers(dest="plugins_command").add_parser("new", help="scaffold a new operation package")
     new.add_argument("name", help="operation name, e.g. sentiment")
@@ -209,8 +284,17 @@ def main(argv: list[str] | None = None) -> None:
 
     add_commands(sub)
 
-    args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        try:
+            args = parser.parse_args(argv)  # --help prints too
+            args.func(args)
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe can still be caught, not at exit
+    except BrokenPipeError:
+        # The reader went away (`ai-platform plugins --json | head -1`): stop quietly, as a program killed by
+        # SIGPIPE does. stdout now points nowhere, so that Python's own flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Settings: one typed object read once from the environment and ``.env``.
 
+:class:`PluginSettings` is its part that chooses plugins and their models, all that
+``ai-platform plugins`` reads: listing needs no secrets.
+
 Environment variables win over the ``.env`` file. List settings accept a JSON
 list (the seed's ``VALID_API_KEYS=["a","b"]``) or a comma-separated string.
 Invalid values raise :class:`ConfigurationError` naming the variable: among them
@@ -15,7 +18,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -52,8 +55,45 @@ PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """All configuration. Field ``foo_bar`` is read from the variable ``FOO_BAR``."""
+class PluginSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The settings that choose plugins and their models: all that listing them needs.
+
+    No secrets among them, so ``ai-platform plugins`` works in a folder without ``.env``.
+    Field ``foo_bar`` is read from the variable ``FOO_BAR``.
+    """
+
+    operation_model_map: dict[str, NonEmptyStr] = msgspec.field(default_factory=lambda: dict(SEED_OPERATION_MODEL_MAP))
+    default_model: NonEmptyStr | None = None
+    enabled_plugins: list[NonEmptyStr] | None = None
+    disabled_plugins: list[NonEmptyStr] = msgspec.field(default_factory=list)
+    strict_plugins: bool = False
+    plugins_config: Path | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env") -> Self:
+        """Read settings from ``environ`` (default ``os.environ``) over ``env_file``."""
+        values: dict[str, str] = {}
+        if env_file is not None and Path(env_file).is_file():
+            values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        values.update(os.environ if environ is None else environ)
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, str]) -> Self:
+        """Build settings from variable names to raw string values (unknown names are ignored)."""
+        raw: dict[str, Any] = {}
+        for field in msgspec.structs.fields(cls):
+            name = field.name.upper()
+            if name in values:
+                raw[field.name] = _parse(name, values[name], field.type)
+        try:
+            return msgspec.convert(raw, cls, strict=False, dec_hook=_decode_path)
+        except msgspec.ValidationError as exc:
+            raise ConfigurationError(_name_setting(str(exc))) from None
+
+
+class Settings(PluginSettings, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """All configuration: the plugin settings and the rest. Field ``foo_bar`` is read from ``FOO_BAR``."""
 
     app_name: str = "AI Platform"
     secret_key: Annotated[str, msgspec.Meta(min_length=16)]
@@ -66,14 +106,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     audit_retention_days: Annotated[int, msgspec.Meta(ge=0)] = 90
     default_daily_limit: PositiveInt = 1000
     limit_timezone: NonEmptyStr = "UTC"
-    operation_model_map: dict[str, NonEmptyStr] = msgspec.field(default_factory=lambda: dict(SEED_OPERATION_MODEL_MAP))
-    default_model: NonEmptyStr | None = None
     models_dir: Path = Path("models")
     database_url: NonEmptyStr = "sqlite://data/ai_platform.sqlite3"
-    enabled_plugins: list[NonEmptyStr] | None = None
-    disabled_plugins: list[NonEmptyStr] = msgspec.field(default_factory=list)
-    strict_plugins: bool = False
-    plugins_config: Path | None = None
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
     max_queue_per_model: PositiveInt = 32
     max_batch_per_model: PositiveInt = 16
@@ -83,28 +117,6 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     metrics_access: Literal["admin", "loopback"] = "admin"
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env") -> Settings:
-        """Read settings from ``environ`` (default ``os.environ``) over ``env_file``."""
-        values: dict[str, str] = {}
-        if env_file is not None and Path(env_file).is_file():
-            values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-        values.update(os.environ if environ is None else environ)
-        return cls.from_mapping(values)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, str]) -> Settings:
-        """Build settings from variable names to raw string values (unknown names are ignored)."""
-        raw: dict[str, Any] = {}
-        for field in msgspec.structs.fields(cls):
-            name = field.name.upper()
-            if name in values:
-                raw[field.name] = _parse(name, values[name], field.type)
-        try:
-            return msgspec.convert(raw, cls, strict=False, dec_hook=_decode_path)
-        except msgspec.ValidationError as exc:
-            raise ConfigurationError(_name_setting(str(exc))) from None
 
     def __post_init__(self) -> None:
         try:
