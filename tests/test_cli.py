@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,47 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
     output = (result.stdout + result.stderr).strip()
     assert result.returncode != 0 and output.count("\n") == 0 and "Traceback" not in output, output
     return output
+
+
+def test_serve_logs_each_unused_model_map_entry_once_saying_why(tmp_path: Path) -> None:
+    """Issue 13: a disabled plugin's entry was 'not an available operation', and every note was logged twice
+    (once by the check that builds the app before serving, once by the worker)."""
+    (tmp_path / ".env").write_text(SECRETS)
+    port = free_port()
+    variables = {
+        "PATH": "/usr/bin:/bin",
+        "MODEL_ISOLATION": "thread",
+        "DISABLED_PLUGINS": "translate",
+        "DEFAULT_MODEL": "absent",
+        "OPERATION_MODEL_MAP": '{"summarize": "absent", "translate": "absent", "nosuch": "absent"}',
+    }
+    server = subprocess.Popen(
+        [CLI, "serve", "--port", str(port)], cwd=tmp_path, env=variables, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert server.poll() is None, "the server did not start"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        stdout, stderr = server.communicate(timeout=60)
+    console = [line for line in (stdout + stderr).splitlines() if "OPERATION_MODEL_MAP" in line]
+    log = [
+        line for line in (tmp_path / "logs" / "platform.log").read_text().splitlines() if "OPERATION_MODEL_MAP" in line
+    ]
+    for lines in (console, log):
+        assert [line.split(" ", 2)[2] for line in lines] == [
+            "WARNING ai_platform.plugins: OPERATION_MODEL_MAP names 'nosuch', which no loaded plugin provides;"
+            " disabled plugins: translate",
+            "INFO ai_platform.plugins: OPERATION_MODEL_MAP names 'translate', whose plugin is disabled"
+            " (DISABLED_PLUGINS): not served",
+        ], lines
 
 
 def test_serve_refuses_the_placeholder_keys_of_env_example(tmp_path: Path) -> None:

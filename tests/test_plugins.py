@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import subprocess
 import sys
 import types
@@ -144,6 +146,63 @@ def test_operation_without_a_model_is_reported(env: dict[str, str]) -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"DISABLED_PLUGINS": "translate"}, "whose plugin is disabled (DISABLED_PLUGINS): not served"),
+        ({"ENABLED_PLUGINS": "summarize,classify"}, "whose plugin is disabled (not in ENABLED_PLUGINS): not served"),
+    ],
+)
+def test_a_disabled_plugin_in_the_model_map_is_named_disabled_once(
+    env: dict[str, str], variables: dict[str, str], message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings.from_mapping({**env, **variables})
+    plugins = load_plugins(enabled=settings.enabled_plugins, disabled=settings.disabled_plugins)
+    with caplog.at_level(logging.INFO, logger="ai_platform.plugins"):
+        plugins.assign_models(settings)
+    about_translate = [r for r in caplog.records if "'translate'" in r.getMessage()]
+    assert [(r.levelname, r.getMessage()) for r in about_translate] == [
+        ("INFO", f"OPERATION_MODEL_MAP names 'translate', {message}")
+    ]
+
+
+def test_a_model_map_entry_that_no_plugin_provides_is_a_warning(
+    env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    entries = {name: "m" for name in ("summarize", "classify", "sumarize")}  # a typo
+    settings = Settings.from_mapping(
+        {**env, "DISABLED_PLUGINS": "translate", "OPERATION_MODEL_MAP": json.dumps(entries)}
+    )
+    plugins = load_plugins(enabled=settings.enabled_plugins, disabled=settings.disabled_plugins)
+    with caplog.at_level(logging.INFO, logger="ai_platform.plugins"):
+        plugins.assign_models(settings)
+    disabled = ", ".join(sorted(p.name for p in plugins.plugins if p.status == "disabled"))
+    assert "translate" in disabled
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            f"OPERATION_MODEL_MAP names 'sumarize', which no loaded plugin provides; disabled plugins: {disabled}",
+        )
+    ]
+
+
+@pytest.mark.anyio
+async def test_the_test_kit_logs_no_warnings_about_operations_it_does_not_serve(
+    platform_client: Any, tmp_path: Path
+) -> None:
+    """The default model map names the built-ins; a test of another plugin has nothing to hear about them."""
+    import ai_platform_summarize
+
+    async with platform_client(plugin("extra", renamed("extra"))) as client:
+        assert (await client.post("/operations/extra", json={"text": "a b"}, headers=CLIENT_HEADERS)).status_code == 200
+    async with platform_client(("summarize", ai_platform_summarize)) as client:
+        operations = (await client.get("/operations", headers=CLIENT_HEADERS)).json()["operations"]
+        assert [op["model"] for op in operations] == ["fake-summarize"]
+    log = (tmp_path / "logs" / "platform.log").read_text()
+    assert "serving operations: extra" in log  # the app's own log, where the notes would be
+    assert [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line] == []
+
+
 def test_operation_spec_checks_its_response_has_meta() -> None:
     class NoMeta(msgspec.Struct):
         summary: str
@@ -158,7 +217,7 @@ def test_cli_lists_plugins(env: dict[str, str], tmp_path: Path) -> None:
         [str(cli), "plugins"], env={**env, "DISABLED_PLUGINS": "translate"}, cwd=tmp_path,
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}  # after the view, the header
     assert lines["summarize"][1:4] == ["0.1.0", "loaded", "summarize"]
     assert lines["translate"][2] == "disabled"
 

@@ -22,7 +22,7 @@ from ai_platform import hookspecs
 from ai_platform.errors import ConfigurationError, PluginError
 from ai_platform.operations import ModelCall, Operation, ResponseMeta
 from ai_platform.plugin_config import read_plugin_config, resolve_section
-from ai_platform.settings import Settings
+from ai_platform.settings import PluginSettings
 
 ENTRY_POINT_GROUP = "ai_platform.operations"
 
@@ -60,7 +60,7 @@ class LoadedPlugins:
     def owner_of(self, operation: str) -> PluginInfo:
         return next(p for p in self.plugins if operation in p.operations)
 
-    def assign_models(self, settings: Settings) -> dict[str, str]:
+    def assign_models(self, settings: PluginSettings) -> dict[str, str]:
         """Map each operation to its model folder; an operation with none is reported and dropped."""
         models: dict[str, str] = {}
         for name in list(self.operations):
@@ -78,9 +78,26 @@ class LoadedPlugins:
                     owner.status = "failed"
                 continue
             models[name] = model
-        for name in settings.operation_model_map.keys() - self.operations.keys():
-            log.warning("OPERATION_MODEL_MAP names '%s', which is not an available operation", name)
+        self._report_unused_map_entries(settings)
         return models
+
+    def _report_unused_map_entries(self, settings: PluginSettings) -> None:
+        """One line per OPERATION_MODEL_MAP entry that serves nothing, saying why when it is known.
+
+        A disabled plugin is never loaded, so its operations are unknown: an entry is taken to be
+        that plugin's when it has the plugin's name, as the built-ins' and most plugins' operations do.
+        """
+        status: dict[str, PluginStatus] = {}
+        for plugin in self.plugins:  # under a name taken twice, the first plugin is the one that counts
+            status.setdefault(plugin.name, plugin.status)
+        disabled = sorted(name for name, state in status.items() if state == "disabled")
+        for name in sorted(settings.operation_model_map.keys() - self.operations.keys()):
+            if status.get(name) == "disabled":
+                why = "DISABLED_PLUGINS" if name in settings.disabled_plugins else "not in ENABLED_PLUGINS"
+                log.info("OPERATION_MODEL_MAP names '%s', whose plugin is disabled (%s): not served", name, why)
+            elif status.get(name) != "failed":  # a failed plugin has logged its error already
+                hint = f"; disabled plugins: {', '.join(disabled)}" if disabled else ""
+                log.warning("OPERATION_MODEL_MAP names '%s', which no loaded plugin provides%s", name, hint)
 
     def build_model_call(self, operation: Operation, request: Any) -> ModelCall:  # type: ignore[type-arg]
         """The ``build_model_call`` hook: the operation's prompt, as wrapped by plugins."""
@@ -250,7 +267,7 @@ def _check_api_version(plugin: object) -> None:
         )
 
 
-def load_configured_plugins(settings: Settings) -> LoadedPlugins:
+def load_configured_plugins(settings: PluginSettings) -> LoadedPlugins:
     """Load plugins as the settings say (allow/deny lists, strictness, per-plugin configuration)."""
     return load_plugins(
         enabled=settings.enabled_plugins,
