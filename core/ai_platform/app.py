@@ -22,6 +22,7 @@ from ai_platform.api.audit_middleware import AuditMiddleware
 from ai_platform.api.auth import API_KEY_HEADER, KeyRing, api_key_middleware
 from ai_platform.api.errors import EXCEPTION_HANDLERS
 from ai_platform.api.openapi_docs import SCHEMA_PATH, render_plugins
+from ai_platform.api.openapi_responses import TRANSPORT_ERRORS
 from ai_platform.api.routes_metrics import metrics_route
 from ai_platform.api.routes_operations import operation_route, unknown_operation_route
 from ai_platform.api.routes_plugins import introspection_routes
@@ -87,7 +88,7 @@ class PlatformPlugin(InitPluginProtocol):
         app_config.route_handlers.extend(limit_routes(self.limits))
         app_config.route_handlers.extend(quota_routes(self.limits, self.keyring))
         app_config.route_handlers.append(health_route(self.engine, self.plugins))
-        app_config.route_handlers.extend(introspection_routes(self.plugins, self.engine))
+        app_config.route_handlers.extend(introspection_routes(self.plugins, self.engine, self.limits))
         app_config.route_handlers.append(metrics_route(self.metrics, self.settings.metrics_access))
 
     def _configure_security(self, app_config: AppConfig) -> None:
@@ -127,7 +128,8 @@ class PlatformPlugin(InitPluginProtocol):
         app_config.openapi_config = OpenAPIConfig(
             title=self.settings.app_name,
             version=__version__,
-            description="Task operations over local language models. Every endpoint but /health needs X-API-Key.",
+            description="Task operations over local language models. Every endpoint but /health needs X-API-Key. "
+            + TRANSPORT_ERRORS,
             components=Components(
                 security_schemes={
                     "ApiKey": SecurityScheme(type="apiKey", name=API_KEY_HEADER, security_scheme_in="header")

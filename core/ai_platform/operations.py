@@ -238,5 +238,7 @@ class Operation(Generic[Req, Resp]):
         if not callable(self.examples):  # a function is called on first use only: never at startup
             self.load_examples()
         request_fields = {f.name for f in msgspec.structs.fields(self.request_type)}
+        if "stream" in request_fields | {f.encode_name for f in msgspec.structs.fields(self.request_type)}:
+            raise ValueError(f"operation {self.name!r}: request_type may not have a field 'stream' (the platform's)")
         if self.input_text is _request_text and "text" not in request_fields:
             raise ValueError(f"operation {self.name!r}: request_type has no 'text' field; pass input_text=")

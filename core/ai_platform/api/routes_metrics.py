@@ -10,6 +10,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 
 from ai_platform.api.auth import admin_only
+from ai_platform.api.openapi_responses import documented
 from ai_platform.errors import AuthenticationError
 from ai_platform.metrics import CONTENT_TYPE, PlatformMetrics
 
@@ -38,6 +39,7 @@ def metrics_route(metrics: PlatformMetrics, access: MetricsAccess) -> HTTPRouteH
         opt={"exclude_from_auth": access == "loopback"},
         media_type=CONTENT_TYPE,
         include_in_schema=access == "admin",
+        **documented((403, "Not an admin key."), 500),
     )
     async def get_metrics() -> Response[bytes]:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)

@@ -11,31 +11,41 @@ from litestar.response import ServerSentEvent
 
 from ai_platform.api.auth import Principal
 from ai_platform.api.disconnect import cancel_on_disconnect
-from ai_platform.api.streaming import sse_events, wants_stream
+from ai_platform.api.openapi_responses import operation_documented
+from ai_platform.api.streaming import sse_events, streamable, wants_stream, without_stream
 from ai_platform.api.validation import shorten
 from ai_platform.operations import NAME_PATTERN, Operation
 from ai_platform.services.operation_service import OperationService
+
+UNAVAILABLE = (
+    503,
+    "The operation's model is not loaded, its queue is full, or the usage database is unreachable; "
+    "retry after `Retry-After`.",
+)
 
 
 def operation_route(operation: Operation, service: OperationService) -> HTTPRouteHandler:  # type: ignore[type-arg]
     """Build the route handler of one operation."""
 
+    body_type = streamable(operation.request_type)
+
     async def handler(request: Request[Any, Any, Any], data: Any) -> Any:
         request.state.request_id = getattr(data, "request_id", None)
         caller: Principal = request.user
-        if wants_stream(request):
-            opened = service.open_stream(operation.name, data, key_id=caller.key_id)
+        body = without_stream(data, operation.request_type)
+        if wants_stream(request, data):
+            opened = service.open_stream(operation.name, body, key_id=caller.key_id)
             rate_limit, events = await cancel_on_disconnect(request, opened)  # refusals: plain JSON, as always
             return ServerSentEvent(sse_events(request, events), headers=rate_limit.headers())
-        outcome = await cancel_on_disconnect(request, service.execute(operation.name, data, key_id=caller.key_id))
+        outcome = await cancel_on_disconnect(request, service.execute(operation.name, body, key_id=caller.key_id))
         request.state.output_tokens = outcome.output_tokens
         return Response(outcome.response, headers=outcome.rate_limit.headers())
 
-    # The annotations carry the operation's own types, so Litestar validates the
-    # body and documents both schemas per operation.
+    # The annotations carry the operation's own types (its request with ``stream``), so Litestar
+    # validates the body and documents both schemas per operation.
     handler.__annotations__ = {
         "request": Request[Any, Any, Any],
-        "data": JSONBody[operation.request_type],  # type: ignore[misc,name-defined]
+        "data": JSONBody[body_type],  # type: ignore[misc,valid-type]
         "return": Response[operation.response_type],  # type: ignore[name-defined]
     }
     handler.__name__ = f"operation_{operation.name}"
@@ -45,7 +55,8 @@ def operation_route(operation: Operation, service: OperationService) -> HTTPRout
         summary=operation.summary,
         operation_id=f"operation_{operation.name}",
         tags=["operations"],
-        opt={"operation": operation.name, "body_type": operation.request_type},
+        opt={"operation": operation.name, "body_type": body_type},
+        **operation_documented(403, 413, 415, 422, 429, 500, UNAVAILABLE, 504),
     )(handler)
 
 

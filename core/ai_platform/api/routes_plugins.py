@@ -6,14 +6,22 @@ from litestar import get
 from litestar.handlers import HTTPRouteHandler
 
 from ai_platform.api.auth import admin_only
+from ai_platform.api.openapi_responses import documented
 from ai_platform.api.schemas import OperationEntry, OperationsResponse, PluginEntry, PluginsResponse
 from ai_platform.plugins import LoadedPlugins, describe
 from ai_platform.services.orchestration import Engine
+from ai_platform.usage.limit_service import LimitService
 
 
-def introspection_routes(plugins: LoadedPlugins, engine: Engine) -> list[HTTPRouteHandler]:
-    @get("/operations", tags=["plugins"], summary="Available operations, their limits and schemas.")
+def introspection_routes(plugins: LoadedPlugins, engine: Engine, limits: LimitService) -> list[HTTPRouteHandler]:
+    @get(
+        "/operations",
+        tags=["plugins"],
+        summary="Available operations, their limits and schemas.",
+        **documented(403, 500, (503, "The usage database (which holds the daily limits) is unreachable.")),
+    )
     async def list_operations() -> OperationsResponse:
+        daily_limits = {info.operation: info.daily_limit for info in await limits.limits()}
         return OperationsResponse(
             operations=[
                 OperationEntry(
@@ -22,6 +30,7 @@ def introspection_routes(plugins: LoadedPlugins, engine: Engine) -> list[HTTPRou
                     path=f"/operations/{op.name}",
                     plugin=plugins.owner_of(op.name).name,
                     model=engine.model_name(op.name),
+                    daily_limit=daily_limits[op.name],
                     max_input_chars=op.limits.max_input_chars,
                     max_output_tokens=op.limits.max_output_tokens,
                     max_input_tokens=op.limits.max_input_tokens,
@@ -32,7 +41,13 @@ def introspection_routes(plugins: LoadedPlugins, engine: Engine) -> list[HTTPRou
             ]
         )
 
-    @get("/plugins", tags=["plugins"], summary="Installed plugins and their status (admin key).", guards=[admin_only])
+    @get(
+        "/plugins",
+        tags=["plugins"],
+        summary="Installed plugins and their status (admin key).",
+        guards=[admin_only],
+        **documented((403, "Not an admin key."), 500),
+    )
     async def list_plugins() -> PluginsResponse:
         return PluginsResponse(plugins=[PluginEntry(**entry) for entry in describe(plugins.plugins)])
 

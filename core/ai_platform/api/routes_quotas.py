@@ -16,6 +16,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath, FromQuery, JSONBody
 
 from ai_platform.api.auth import KeyRing, Principal, admin_only
+from ai_platform.api.openapi_responses import documented
 from ai_platform.api.validation import not_one_of, shorten
 from ai_platform.errors import NotFoundError, RequestValidationError
 from ai_platform.services.orchestration import iso_timestamp
@@ -84,7 +85,13 @@ def quota_routes(limits: LimitService, keyring: KeyRing) -> list[HTTPRouteHandle
     # Only configured keys can be given quotas: a typo must not silently set nothing.
     key_ids = keyring.key_ids
 
-    @get("/quotas", tags=["quotas"], summary="Every per-key quota (admin key).", guards=[admin_only])
+    @get(
+        "/quotas",
+        tags=["quotas"],
+        summary="Every per-key quota (admin key).",
+        guards=[admin_only],
+        **documented(403, 500, 503),
+    )
     async def get_quotas() -> QuotasResponse:
         return QuotasResponse(quotas=[_quota_entry(q) for q in await limits.quotas()])
 
@@ -94,6 +101,7 @@ def quota_routes(limits: LimitService, keyring: KeyRing) -> list[HTTPRouteHandle
         summary="Set one key's daily limit on one operation (admin key).",
         guards=[admin_only],
         opt={"body_type": QuotaUpdate},
+        **documented(403, 413, 415, 422, 500, 503),
     )
     async def put_quota(data: JSONBody[QuotaUpdate]) -> QuotaEntry:
         if data.key_id not in key_ids:
@@ -107,6 +115,7 @@ def quota_routes(limits: LimitService, keyring: KeyRing) -> list[HTTPRouteHandle
         tags=["quotas"],
         summary="Remove one key's quota on one operation (admin key).",
         guards=[admin_only],
+        **documented(403, (404, "No such quota."), 500, 503),
     )
     async def delete_quota(key: FromPath[str], operation: FromPath[str]) -> None:
         # Checked before the database sees them: path parameters are arbitrary client text.
@@ -118,7 +127,9 @@ def quota_routes(limits: LimitService, keyring: KeyRing) -> list[HTTPRouteHandle
         tags=["quotas"],
         summary="Today's usage of every key, or of one (admin key).",
         guards=[admin_only],
-    )
+        **documented(403, (404, "No configured key has this id."), (422, "`key_id` is not 16 lowercase hex digits."),
+                     500, 503),
+    )  # fmt: skip
     async def get_key_usage(key_id: FromQuery[KeyId | None] = None) -> KeyUsageResponse:
         # Litestar does not apply KeyId's constraints to an optional query parameter: checked here.
         if key_id is not None and not re.fullmatch(KEY_ID_PATTERN, key_id):
@@ -130,7 +141,12 @@ def quota_routes(limits: LimitService, keyring: KeyRing) -> list[HTTPRouteHandle
             raise NotFoundError(f"No configured key has the id '{key_id}'.")
         return _usage_response(await limits.key_usage([key_id] if key_id else key_ids))
 
-    @get("/usage/keys/me", tags=["quotas"], summary="Today's usage of the calling key, and its key id.")
+    @get(
+        "/usage/keys/me",
+        tags=["quotas"],
+        summary="Today's usage of the calling key, and its key id.",
+        **documented(403, 500, 503),
+    )
     async def get_my_usage(request: Request[Principal, Any, Any]) -> KeyUsageResponse:
         return _usage_response(await limits.key_usage([request.user.key_id]))
 

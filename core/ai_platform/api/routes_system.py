@@ -14,6 +14,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromQuery, JSONBody
 
 from ai_platform.api.auth import API_KEY_HEADER, KeyRing, admin_only
+from ai_platform.api.openapi_responses import documented
 from ai_platform.api.schemas import (
     AdminHealthResponse,
     HealthResponse,
@@ -77,7 +78,7 @@ def _limit_entry(info: LimitInfo) -> LimitEntry:
 
 
 def limit_routes(limits: LimitService) -> list[HTTPRouteHandler]:
-    @get("/limits", tags=["limits"], summary="Limits of every operation.")
+    @get("/limits", tags=["limits"], summary="Limits of every operation.", **documented(403, 500, 503))
     async def get_limits() -> LimitsResponse:
         return LimitsResponse(limits=[_limit_entry(i) for i in await limits.limits()])
 
@@ -87,13 +88,14 @@ def limit_routes(limits: LimitService) -> list[HTTPRouteHandler]:
         summary="Change an operation's daily limit (admin key).",
         guards=[admin_only],
         opt={"body_type": LimitUpdate},
+        **documented(403, 413, 415, 422, 500, 503),
     )
     async def put_limits(data: JSONBody[LimitUpdate]) -> LimitEntry:
         if data.operation not in limits.operations:
             raise not_one_of("operation", limits.operations, data.operation)
         return _limit_entry(await limits.set_daily_limit(data.operation, data.daily_limit))
 
-    @get("/limits/usage", tags=["limits"], summary="Today's usage of every operation.")
+    @get("/limits/usage", tags=["limits"], summary="Today's usage of every operation.", **documented(403, 500, 503))
     async def get_usage() -> UsageResponse:
         rows = await limits.usage()
         return UsageResponse(
@@ -146,10 +148,11 @@ def health_route(engine: Any, plugins: LoadedPlugins, keyring: KeyRing | None = 
         "/health",
         tags=["system"],
         summary="Liveness, resources and models (no key); with an admin key also errors, plugins and the database.",
+        **documented((403, "`deep=true` without an admin key."), (422, "`deep` is not a boolean."), 500),
     )
     async def health(
         request: Request[Any, Any, Any], deep: FromQuery[bool] = False
-    ) -> HealthResponse | SystemHealthResponse | DeepHealthResponse:
+    ) -> DeepHealthResponse | SystemHealthResponse | HealthResponse:  # richest first: clients try them in turn
         admin = is_admin(request)
         checks = None
         if deep:  # runs the models: admins only (issue 12)
@@ -201,7 +204,7 @@ def health_route(engine: Any, plugins: LoadedPlugins, keyring: KeyRing | None = 
             ],
         )  # fmt: skip
 
-    @head("/health", tags=["system"], summary="Liveness for load balancers: 200, no body (no key).")
+    @head("/health", tags=["system"], summary="Liveness for load balancers: 200, no body (no key).", **documented())
     async def health_head() -> None:
         return None
 

@@ -96,6 +96,7 @@ class OperationEntry(msgspec.Struct, kw_only=True):
     path: str
     plugin: str
     model: str
+    daily_limit: int  # today's, as GET /limits shows it (PUT /limits changes it)
     max_input_chars: int
     max_output_tokens: int
     max_input_tokens: int | None

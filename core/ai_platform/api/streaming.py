@@ -1,4 +1,10 @@
-"""Operations answered as Server-Sent Events, for clients that send ``Accept: text/event-stream``.
+"""Operations answered as Server-Sent Events, for clients that send ``"stream": true`` or ``Accept: text/event-stream``.
+
+``stream`` belongs to the platform, not to the operation: each operation's route accepts its
+request type plus ``stream`` (:func:`streamable`; still no unknown field, and ``stream`` must be
+a boolean, else 422), and the operation gets its own request type without it. Given in the
+body, ``stream`` decides (``false`` answers JSON whatever ``Accept`` says); without it,
+``Accept: text/event-stream`` asks for a stream.
 
 Everything that can refuse a request (key, validation, limits, a model that is not loaded)
 answers before the stream starts, as plain JSON with its status code. The stream then
@@ -14,11 +20,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request
 from litestar.response import ServerSentEventMessage
+from msgspec import UNSET, UnsetType
 
 from ai_platform.api.errors import VALIDATION_MESSAGE
 from ai_platform.errors import PlatformError, RequestValidationError
@@ -29,8 +36,39 @@ log = logging.getLogger(__name__)
 EVENT_STREAM = "text/event-stream"
 
 
-def wants_stream(request: Request[Any, Any, Any]) -> bool:
-    """The client asked for Server-Sent Events."""
+STREAM_FIELD = "stream"
+StreamField = Annotated[
+    bool | UnsetType,
+    msgspec.Meta(description="true: answer as Server-Sent Events; false: as JSON. Not given: as `Accept` asks."),
+]
+
+
+def streamable(request_type: type[msgspec.Struct]) -> type[msgspec.Struct]:
+    """``request_type`` with the optional boolean ``stream`` field: the body an operation's route accepts.
+
+    Named as ``request_type``, so the OpenAPI document and generated clients keep the operation's
+    names. An operation's request type may not have a ``stream`` field of its own
+    (``Operation.validate``).
+    """
+    return msgspec.defstruct(
+        request_type.__name__,
+        [(STREAM_FIELD, StreamField, UNSET)],
+        bases=(request_type,),
+        module=request_type.__module__,
+        kw_only=True,
+    )
+
+
+def without_stream(body: Any, request_type: type[msgspec.Struct]) -> Any:
+    """The operation's own request: ``body`` (a :func:`streamable` instance) without ``stream``."""
+    return request_type(**{name: getattr(body, name) for name in request_type.__struct_fields__})
+
+
+def wants_stream(request: Request[Any, Any, Any], body: Any) -> bool:
+    """The client asked for Server-Sent Events: ``"stream": true``, or no ``stream`` and ``Accept: text/event-stream``."""
+    stream = getattr(body, STREAM_FIELD, UNSET)
+    if stream is not UNSET:
+        return bool(stream)
     return EVENT_STREAM in request.headers.get("accept", "")
 
 
