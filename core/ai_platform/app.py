@@ -149,6 +149,12 @@ def create_app(
     debug: bool = False,
 ) -> Litestar:
     """Build the app. Tests pass their own ``plugins`` and a fake ``engine``."""
+    logs = logging_config(
+        settings.log_level, settings.log_dir, max_bytes=settings.log_max_bytes, backup_count=settings.log_backup_count
+    )
+    # Litestar applies it only once the app exists: plugin load errors and the model map's notes come before,
+    # and must reach the log too (in a worker process nothing has configured logging yet).
+    logs.configure()
     if plugins is None:
         plugins = load_configured_plugins(settings)
     models = plugins.assign_models(settings)
@@ -159,12 +165,7 @@ def create_app(
     platform = PlatformPlugin(settings, plugins, engine)
     app = Litestar(
         plugins=[platform],
-        logging_config=logging_config(
-            settings.log_level,
-            settings.log_dir,
-            max_bytes=settings.log_max_bytes,
-            backup_count=settings.log_backup_count,
-        ),
+        logging_config=logs,
         request_max_body_size=MAX_BODY_BYTES,
         debug=debug,
     )
