@@ -330,6 +330,7 @@ async def test_get_operations_and_admin_only_get_plugins(platform_client: Any) -
                 "max_input_chars": 2000,
                 "max_output_tokens": 64,
                 "max_input_tokens": 3072,
+                "daily_limit": 1000,
                 "schema": "/schema/openapi.json#/paths/~1operations~1classify/post",
             }
         ]
