@@ -112,6 +112,7 @@ class Settings(PluginSettings, kw_only=True, frozen=True, forbid_unknown_fields=
     max_queue_per_model: PositiveInt = 32
     max_batch_per_model: PositiveInt = 16
     prefix_cache_mb: Annotated[int, msgspec.Meta(ge=0)] = 64
+    kv_cache_mb: PositiveInt = 4096
     model_isolation: Literal["process", "thread"] = "process"
     request_timeout_seconds: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     metrics_access: Literal["admin", "loopback"] = "admin"

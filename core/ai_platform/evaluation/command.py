@@ -35,15 +35,8 @@ def _eval_engine_factory(settings: Settings) -> Callable[[Path, Mapping[str, str
     def build(models_dir: Path, operation_models: Mapping[str, str]) -> Any:
         from ai_platform.runtime.engine import InferenceEngine
 
-        return InferenceEngine(
-            models_dir,
-            operation_models,
-            execution_provider=settings.execution_provider,
-            max_queue=settings.max_queue_per_model,
-            max_batch=settings.max_batch_per_model,
-            prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
-            isolation="thread",  # in this process: eval is a tool, not a server
-        )
+        # In this process: eval is a tool, not a server.
+        return InferenceEngine.from_settings(settings, operation_models, models_dir=models_dir, isolation="thread")
 
     return build
 

@@ -14,7 +14,7 @@ from ai_platform.operations import Choice, Choose, Completion, Generate
 from ai_platform.runtime.model_process import ModelProcess
 from ai_platform.runtime.onnx_model import EXECUTION_PROVIDERS
 from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES
-from ai_platform.runtime.served_model import InProcessModel, ModelOptions, ServedModel
+from ai_platform.runtime.served_model import DEFAULT_KV_CACHE_BYTES, InProcessModel, ModelOptions, ServedModel
 from ai_platform.settings import Settings
 
 MODEL_ISOLATIONS = ("process", "thread")
@@ -57,16 +57,24 @@ class InferenceEngine:
     """
 
     @classmethod
-    def from_settings(cls, settings: Settings, operation_models: Mapping[str, str]) -> InferenceEngine:
-        """The engine ``ai-platform serve`` runs (also ``selftest``), for ``operation_models``."""
+    def from_settings(
+        cls,
+        settings: Settings,
+        operation_models: Mapping[str, str],
+        *,
+        models_dir: Path | None = None,
+        isolation: str | None = None,
+    ) -> InferenceEngine:
+        """The engine ``ai-platform serve`` runs (also ``selftest`` and ``eval``), for ``operation_models``."""
         return cls(
-            settings.models_dir,
+            settings.models_dir if models_dir is None else models_dir,
             operation_models,
             execution_provider=settings.execution_provider,
             max_queue=settings.max_queue_per_model,
             max_batch=settings.max_batch_per_model,
             prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
-            isolation=settings.model_isolation,
+            kv_cache_bytes=settings.kv_cache_mb * 2**20,
+            isolation=settings.model_isolation if isolation is None else isolation,
         )
 
     def __init__(
@@ -79,6 +87,7 @@ class InferenceEngine:
         intra_op_threads: int | None = None,
         max_batch: int = 16,
         prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
+        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         isolation: str = "process",
     ) -> None:
         if execution_provider not in EXECUTION_PROVIDERS:
@@ -88,13 +97,17 @@ class InferenceEngine:
             raise ConfigurationError(f"max_queue must be at least 1, not {max_queue}")
         if max_batch < 1:
             raise ConfigurationError(f"max_batch must be at least 1, not {max_batch}")
+        if kv_cache_bytes < 1:
+            raise ConfigurationError(f"kv_cache_bytes must be at least 1, not {kv_cache_bytes}")
         if intra_op_threads is not None and intra_op_threads < 1:
             raise ConfigurationError(f"intra_op_threads must be at least 1, not {intra_op_threads}")
         if isolation not in MODEL_ISOLATIONS:
             raise ConfigurationError(f"isolation must be one of {', '.join(MODEL_ISOLATIONS)}, not {isolation!r}")
         self._models_dir = models_dir
         self._operation_models = dict(operation_models)
-        self._options = ModelOptions(execution_provider, intra_op_threads, prefix_cache_bytes, max_queue, max_batch)
+        self._options = ModelOptions(
+            execution_provider, intra_op_threads, prefix_cache_bytes, max_queue, max_batch, kv_cache_bytes
+        )
         self._isolation = isolation
         self._slots = {operation: _Slot() for operation in self._operation_models}
         self._started = False

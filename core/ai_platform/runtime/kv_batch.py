@@ -36,6 +36,11 @@ class DecodeBatch(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def bytes_per_position(self) -> int:
+        """Memory one position of one row takes while decoding (every layer's key and value)."""
+        ...
+
     def prefill(self, prompt: Sequence[int]) -> Prefill:
         """Prefill ``prompt`` alone, one chunk per iteration (the prefix cache's positions reused)."""
         ...
@@ -53,9 +58,17 @@ class DecodeBatch(Protocol):
         ...
 
 
-def new_batch(decoder: OnnxDecoder, cache: PrefixCache | None = None) -> DecodeBatch:
-    """The batch layout that suits ``decoder``'s graph; prompts reuse ``cache``'s prefixes."""
-    return SharedBufferBatch(decoder, cache) if decoder.fused_attention else PaddedBatch(decoder, cache)
+def new_batch(
+    decoder: OnnxDecoder, cache: PrefixCache | None = None, *, max_rows: int = 2**31, max_bytes: int = 2**62
+) -> DecodeBatch:
+    """The batch layout that suits ``decoder``'s graph; prompts reuse ``cache``'s prefixes.
+
+    ``max_rows`` and ``max_bytes`` cap how far preallocated buffers grow ahead of need
+    (what the batch may hold is the scheduler's decision).
+    """
+    if decoder.fused_attention:
+        return SharedBufferBatch(decoder, cache, max_rows=max_rows, max_bytes=max_bytes)
+    return PaddedBatch(decoder, cache)
 
 
 def _pad_left(array: np.ndarray, axis: int, length: int) -> np.ndarray:
@@ -73,6 +86,8 @@ class _Prefilling:
     def __init__(self, decoder: OnnxDecoder, cache: PrefixCache | None) -> None:
         self._decoder = decoder
         self._cache = cache
+        layer_bytes = decoder.kv_heads * decoder.head_dim * np.dtype(decoder.kv_dtype).itemsize
+        self.bytes_per_position = len(decoder.past_names) * layer_bytes
 
     def prefill(self, prompt: Sequence[int]) -> Prefill:
         return prefill_chunks(self._decoder, prompt, self._cache)
@@ -83,6 +98,7 @@ class PaddedBatch(_Prefilling):
 
     def __init__(self, decoder: OnnxDecoder, cache: PrefixCache | None = None) -> None:
         super().__init__(decoder, cache)
+        self.bytes_per_position *= 2  # each step's present cache is a new copy beside the past
         self._past: list[np.ndarray] = decoder.empty_past(0)
         self._mask = np.zeros((0, 0), dtype=np.int64)
         self._positions = np.zeros((0, 1), dtype=np.int64)
@@ -127,8 +143,17 @@ class PaddedBatch(_Prefilling):
 class SharedBufferBatch(_Prefilling):
     """Right-padded batch over a GroupQueryAttention graph, decoding in place in shared buffers."""
 
-    def __init__(self, decoder: OnnxDecoder, cache: PrefixCache | None = None) -> None:
+    def __init__(
+        self,
+        decoder: OnnxDecoder,
+        cache: PrefixCache | None = None,
+        *,
+        max_rows: int = 2**31,
+        max_bytes: int = 2**62,
+    ) -> None:
         super().__init__(decoder, cache)
+        self._max_rows = max_rows
+        self._max_bytes = max_bytes
         self._lengths = np.zeros(0, dtype=np.int64)  # valid positions per row
         self._buffers: list[np.ndarray] = []
         self._logits = np.zeros((0, 1, decoder.vocab_size), dtype=decoder.logits_dtype)
@@ -150,18 +175,32 @@ class SharedBufferBatch(_Prefilling):
         return self._size
 
     def _reserve(self, rows: int, length: int) -> None:
-        """Grow the buffers to hold ``rows`` rows of ``length`` positions, keeping their contents."""
+        """Grow the buffers to hold ``rows`` rows of ``length`` positions, keeping their contents.
+
+        Rows double (a burst of joins costs few copies) and lengths grow by ``LENGTH_STEP``,
+        each only when it must: longer rows keep the row count (doubling it on every length
+        step made 7 sequences hold 64 rows and, under the soak, 20 GB). Rows beyond those in
+        use are kept only within ``max_rows`` and ``max_bytes``.
+        """
         have_rows, have_length = (self._buffers[0].shape[0], self._buffers[0].shape[2]) if self._buffers else (0, 0)
         if rows <= have_rows and length <= have_length:
             return
-        rows = max(rows, 2 * have_rows)
         length = min(-(-max(length, have_length) // LENGTH_STEP) * LENGTH_STEP, self._decoder.max_positions)
+        wanted = 2 * have_rows if rows > have_rows else have_rows
+        rows = max(rows, min(wanted, self._max_rows, self._max_bytes // (length * self.bytes_per_position)))
         shape = (rows, self._decoder.kv_heads, length, self._decoder.head_dim)
-        grown = [np.zeros(shape, dtype=self._decoder.kv_dtype) for _ in self._decoder.past_names]
-        for new, old in zip(grown, self._buffers, strict=False):  # no old buffers on the first call
-            new[: self._size, :, : old.shape[2]] = old[: self._size]
-        self._buffers = grown
+        # Bound pointers go stale from here on (see ``step``).
         self._generation += 1
+        # One layer at a time, each old layer freed once copied: growing costs one extra layer, not a second cache.
+        old_layers = self._buffers[::-1]
+        self._buffers = []
+        for _ in self._decoder.past_names:
+            grown = np.zeros(shape, dtype=self._decoder.kv_dtype)
+            if old_layers:
+                old = old_layers.pop()
+                grown[: self._size, :, : old.shape[2]] = old[: self._size]
+                del old
+            self._buffers.append(grown)
         lengths = np.zeros(rows, dtype=np.int64)
         lengths[: self._size] = self._lengths[: self._size]
         self._lengths = lengths

@@ -43,9 +43,10 @@ class SequenceRequest:
 class ContinuousBatch:
     """The sequences of one model that are prefilling or decoding; run only on the model's thread."""
 
-    def __init__(self, batch: DecodeBatch, max_batch: int) -> None:
+    def __init__(self, batch: DecodeBatch, max_batch: int, max_kv_bytes: int | None = None) -> None:
         self._batch = batch
         self.max_batch = max_batch
+        self.max_kv_bytes = max_kv_bytes
         self._rows: list[SequenceRequest] = []  # row i of the KV batch belongs to _rows[i]
         self._prefilling: deque[tuple[SequenceRequest, Prefill]] = deque()
 
@@ -53,6 +54,24 @@ class ContinuousBatch:
     def active(self) -> int:
         """Sequences prefilling or decoding now."""
         return len(self._rows) + len(self._prefilling)
+
+    def can_admit(self, request: SequenceRequest, pending: Sequence[SequenceRequest] = ()) -> bool:
+        """Whether ``request`` may start after ``pending`` (admitted, not started yet).
+
+        It needs a free row, and room in ``max_kv_bytes`` for the batch's KV cache once
+        every sequence, ``request`` included, is as long as the longest may become (right
+        padding makes every row that long). Alone, a sequence always starts: its length is
+        bounded by the model's context.
+        """
+        sequences = [*self._rows, *(entry[0] for entry in self._prefilling), *pending]
+        if not sequences:
+            return True
+        if len(sequences) >= self.max_batch:
+            return False
+        if self.max_kv_bytes is None:
+            return True
+        longest = max(len(r.prompt) + r.budget for r in [*sequences, request])
+        return (len(sequences) + 1) * longest * self._batch.bytes_per_position <= self.max_kv_bytes
 
     def admit(self, request: SequenceRequest) -> None:
         """Queue ``request``'s prompt; the next steps prefill it, then it decodes with the others."""

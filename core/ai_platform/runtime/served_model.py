@@ -22,6 +22,8 @@ from ai_platform.runtime.scheduler import ContinuousBatch
 from ai_platform.runtime.tokenizer import TextDeltas
 from ai_platform.runtime.worker import ModelWorker
 
+DEFAULT_KV_CACHE_BYTES = 4096 * 2**20
+
 
 @dataclass(frozen=True)
 class ModelOptions:
@@ -32,6 +34,7 @@ class ModelOptions:
     prefix_cache_bytes: int = DEFAULT_MAX_BYTES
     max_queue: int = 32
     max_batch: int = 16
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES  # the decode batch's KV cache, at most (see ContinuousBatch.can_admit)
 
 
 class ServedModel(Protocol):
@@ -90,7 +93,8 @@ class InProcessModel:
 
     def __init__(self, name: str, model: LanguageModel, options: ModelOptions) -> None:
         self.model = model
-        batch = ContinuousBatch(new_batch(model.decoder, model.prefix_cache), options.max_batch)
+        kv = new_batch(model.decoder, model.prefix_cache, max_rows=options.max_batch, max_bytes=options.kv_cache_bytes)
+        batch = ContinuousBatch(kv, options.max_batch, options.kv_cache_bytes)
         self._worker = ModelWorker(name, options.max_queue, batch)
 
     @classmethod

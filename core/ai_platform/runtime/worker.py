@@ -210,12 +210,12 @@ class ModelWorker:
                 worked = True
                 if self._closed:
                     break
-                # In arrival order: sequences join the batch while it has room, jobs start
+                # In arrival order: sequences join the batch while it has room (rows, KV memory), jobs start
                 # while fewer than MAX_RUNNING_JOBS run; the first that cannot start waits.
                 while self._waiting:
                     head = self._waiting[0]
                     if isinstance(head, SequenceRequest):
-                        if batch is None or batch.active + len(admitted) >= batch.max_batch:
+                        if batch is None or not batch.can_admit(head, admitted):
                             break
                         admitted.append(head)
                     elif len(running) < MAX_RUNNING_JOBS:
