@@ -52,7 +52,9 @@ def test_longer_rows_keep_the_row_count_and_decode_exactly(
     assert outcomes.results == {str(i): alone(model, p, 40) for i, p in enumerate(prompts)}
     lengths = sorted({shape[2] for shape in shared.shapes})
     assert len(lengths) > 5, lengths  # the rows grew longer many times ...
-    assert max(shape[0] for shape in shared.shapes) == 8  # ... but 7 rows never took more than 8 (they doubled with each growth)
+    assert (
+        max(shape[0] for shape in shared.shapes) == 8
+    )  # ... but 7 rows never took more than 8 (they doubled with each growth)
 
 
 def test_spare_rows_stay_within_max_bytes(tiny_genai_model: LanguageModel) -> None:
