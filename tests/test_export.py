@@ -6,8 +6,10 @@ import fcntl
 import json
 import os
 import pty
+import shutil
 import struct
 import subprocess
+import sys
 import termios
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ REQUIRED_FILES = (
     "export.json",
     "manifest.json",
 )
+AGREEMENT_FIELDS = {"reference", "positions", "top1", "mean_kl", "max_logit_diff", "min_top1", "max_mean_kl", "passed"}
 CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 ROUND_TRIP_TEXTS = (
     "Hello, world! It's 2024.",
@@ -93,6 +96,63 @@ def test_tiny_folder_has_every_required_file(tiny_model_dir: Path) -> None:
     assert [name for name in REQUIRED_FILES if not (tiny_model_dir / name).is_file()] == []
     assert _json(tiny_model_dir, "export.json")["recipe"] == "tiny-qwen2"
     assert _json(tiny_model_dir, "config.json")["model_type"] == "qwen2"
+
+
+def test_tiny_export_records_its_agreement_with_torch(tiny_model_dir: Path) -> None:
+    agreement = _json(tiny_model_dir, "export.json")["agreement"]
+    assert set(agreement) == AGREEMENT_FIELDS
+    assert agreement["reference"] == "torch fp32"
+    assert agreement["positions"] >= 256  # the calibration text, in this model's tokens
+    # fp32 on both sides: the same graph up to rounding.
+    assert agreement["top1"] == 1.0 and agreement["mean_kl"] < 1e-6 and agreement["max_logit_diff"] < 1e-3
+    assert agreement["passed"] is True
+
+
+def test_an_export_below_the_threshold_is_warned_about_or_refused(tiny_model_dir: Path) -> None:
+    """An up-to-date folder is judged on the agreement it recorded; --strict exits 1 and leaves it as it is."""
+    before = _snapshot(tiny_model_dir)
+    warned = _run_export("tiny", "--out", str(tiny_model_dir), "--max-kl", "0")  # no KL is below 0
+    assert "up to date" in warned.stdout
+    assert "warning: mean KL" in warned.stderr and "> 0 " in warned.stderr
+    refused = _run_export("tiny", "--out", str(tiny_model_dir), "--max-kl", "0", "--strict", check=False)
+    assert refused.returncode == 1
+    assert "refused (--strict): mean KL" in refused.stderr.splitlines()[-1]
+    assert _snapshot(tiny_model_dir) == before
+
+
+def test_strict_refuses_a_new_export_below_the_threshold_and_publishes_nothing(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir, out)  # an earlier build stays servable as it was
+    before = _snapshot(out)
+    command = ("tiny", "--precision", "int8", "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
+    result = _run_export(*command, "--strict", "--min-top1", "1", "--max-kl", "0", check=False)
+    assert result.returncode == 1
+    error = result.stderr.splitlines()[-1]
+    assert error.startswith(f"export of {out}: refused (--strict): top-1 agreement "), error
+    assert "mean KL" in error and "nothing was published" in error
+    assert _snapshot(out) == before
+    assert _json(out, "export.json")["precision"] == "fp32"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".tiny.lock", "cache", "tiny"]  # no .tiny.partial
+    assert list((tmp_path / "cache" / "export-work").iterdir()) == []
+
+
+def test_models_export_passes_the_threshold_and_strict_to_the_exporter(tmp_path: Path) -> None:
+    """``ai-platform models export`` (the admin's command, on a Hugging Face folder) refuses the same way."""
+    script = (
+        "import sys; from pathlib import Path; from ai_platform.export import tiny;"
+        "from ai_platform.export.progress import Progress; print(tiny.prepare(Path(sys.argv[1]), Progress()))"
+    )
+    source = _export_python(script, str(tmp_path / "work")).splitlines()[-1]
+    command = [str(Path(sys.executable).parent / "ai-platform"), "models", "export", source, "tiny-int8"]
+    command += ["--format", "optimum", "--precision", "int8", "--models-dir", str(tmp_path / "models")]
+    environment = dict(os.environ, AI_PLATFORM_EXPORT_PYTHON=EXPORT_PYTHON)
+    thresholds = ["--min-top1", "0", "--max-kl", "0"]  # only the KL can miss
+    result = subprocess.run([*command, *thresholds, "--strict"], env=environment, capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert "refused (--strict): mean KL" in result.stderr.splitlines()[-1]
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [".tiny-int8.lock"]
 
 
 def test_tiny_tokenizer_has_chatml_specials(tiny_model_dir: Path) -> None:
@@ -240,6 +300,16 @@ def test_quantized_folder_matches_its_manifest(quantized: tuple[Path, Path, str]
     folder, _, precision = quantized
     assert verify_manifest(folder)
     assert _json(folder, "export.json")["precision"] == precision
+
+
+def test_quantized_folder_records_its_agreement(quantized: tuple[Path, Path, str]) -> None:
+    folder, fp32, _ = quantized
+    agreement = _json(folder, "export.json")["agreement"]
+    assert set(agreement) == AGREEMENT_FIELDS
+    assert agreement["positions"] == _json(fp32, "export.json")["agreement"]["positions"]
+    assert 0 <= agreement["top1"] <= 1 and agreement["mean_kl"] > 0
+    meets = agreement["top1"] >= agreement["min_top1"] and agreement["mean_kl"] <= agreement["max_mean_kl"]
+    assert agreement["passed"] is meets  # built without --strict: published either way, the verdict recorded
 
 
 def test_quantized_graph_multiplies_by_quantized_weights_only(quantized: tuple[Path, Path, str]) -> None:

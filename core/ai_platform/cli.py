@@ -98,6 +98,11 @@ def cmd_models_export(args: argparse.Namespace) -> None:
     out = Path(args.models_dir or _settings().models_dir) / args.name
     command = [str(export_python), "-m", "ai_platform.export", "hf", "--source", args.source, "--out", str(out)]
     command += ["--format", args.format, "--precision", args.precision, "--genai-python", str(genai_python)]
+    for option, value in (("--min-top1", args.min_top1), ("--max-kl", args.max_kl)):
+        if value is not None:
+            command += [option, value]
+    if args.strict:
+        command.append("--strict")
     env = {**os.environ, "PYTHONPATH": str(root / "core"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     sys.exit(subprocess.run(command, env=env).returncode)
 
@@ -250,6 +255,12 @@ def main(argv: list[str] | None = None) -> None:
         "--precision", choices=("int4", "int8", "fp32"), default="int4", help="weights (default: %(default)s)"
     )
     export.add_argument("--models-dir", help="default: the MODELS_DIR setting")
+    # The exporter checks these values and owns their defaults (ai_platform.export.agreement: numpy, not loaded here).
+    export.add_argument("--min-top1", help="least top-1 agreement with the fp32 source, 0..1 (default: 0.9)")
+    export.add_argument("--max-kl", help="largest mean KL divergence from the fp32 source, nats (default: 0.1)")
+    export.add_argument(
+        "--strict", action="store_true", help="refuse an export below those (exit 1, nothing published); else warn"
+    )
     export.set_defaults(func=cmd_models_export)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the usage database schema")

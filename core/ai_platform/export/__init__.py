@@ -1,7 +1,8 @@
 """Offline export of Hugging Face models to the ONNX folders the server loads.
 
 Runs in its own environment (torch, transformers, optimum), never in the server's,
-so nothing here imports other ``ai_platform`` modules.
+so nothing here imports other ``ai_platform`` modules. The server reads only what an
+export recorded, through ``model_folder.read_export_record`` (numpy at most).
 """
 
 import os

