@@ -8,6 +8,7 @@ model that failed to load answers operations 503 with a generic message, never i
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.anyio
 SEED_FIELDS = {"status", "uptime_seconds", "memory_used_mb", "memory_total_mb", "cpu_percent", "models", "timestamp"}
 SEED_MODEL_FIELDS = {"name", "loaded", "path"}
 ADMIN_FIELDS = SEED_FIELDS | {"process_rss_mb", "failed_plugins", "database"}
-ADMIN_MODEL_FIELDS = SEED_MODEL_FIELDS | {"provider", "error"}
+ADMIN_MODEL_FIELDS = SEED_MODEL_FIELDS | {"provider", "error", "precision", "agreement"}
 
 
 def broken_plugin() -> tuple[str, object]:
@@ -75,6 +76,8 @@ async def test_admin_health_shows_the_details(troubled_app: object) -> None:
     models = {m["name"]: m for m in body["models"]}
     assert models["translate (qwen-translate)"]["error"] == "missing"
     assert models["summarize (qwen-summarize)"]["provider"] == "CPUExecutionProvider"
+    assert models["summarize (qwen-summarize)"]["precision"] is None  # no export.json at the fake engine's path
+    assert models["summarize (qwen-summarize)"]["agreement"] is None
     assert [p["name"] for p in body["failed_plugins"]] == ["broken"]
     assert "internal detail of a broken plugin" in body["failed_plugins"][0]["error"]
     assert body["database"]["available"] is False and body["database"]["error"].startswith("FileExistsError: ")
@@ -147,3 +150,31 @@ async def test_a_model_load_error_stays_out_of_the_503(env: dict[str, str], tiny
             assert r.json() == {
                 "detail": f"Model '{model}' for operation '{operation}' is not available; retry later."
             }, r.text
+
+
+async def test_admin_health_shows_each_models_precision_and_recorded_agreement(
+    env: dict[str, str], tiny_model_dir: Path
+) -> None:
+    """What the export measured against the fp32 source (issue 12), read from the folder's export.json."""
+    models = Path(env["MODELS_DIR"])
+    models.mkdir()
+    (models / "qwen-summarize").symlink_to(tiny_model_dir, target_is_directory=True)
+    settings = Settings.from_mapping({**env, "MODEL_ISOLATION": "thread", "ENABLED_PLUGINS": "summarize,translate"})
+    recorded = json.loads((tiny_model_dir / "export.json").read_text())["agreement"]
+    async with AsyncTestClient(create_app(settings)) as client:
+        admin = {m["name"]: m for m in (await client.get("/health", headers=ADMIN)).json()["models"]}
+        public = (await client.get("/health", headers=KEY)).json()["models"]
+    served = admin["summarize (qwen-summarize)"]
+    assert served["loaded"] is True and served["precision"] == "fp32"
+    assert served["agreement"] == {
+        "top1": recorded["top1"],
+        "mean_kl": recorded["mean_kl"],
+        "positions": recorded["positions"],
+        "passed": True,
+        "min_top1": recorded["min_top1"],
+        "max_mean_kl": recorded["max_mean_kl"],
+    }
+    assert served["agreement"]["top1"] == 1.0 and served["agreement"]["positions"] >= 256
+    missing = admin["translate (qwen-translate)"]
+    assert (missing["precision"], missing["agreement"]) == (None, None)  # no folder, nothing recorded
+    assert all(set(model) == SEED_MODEL_FIELDS for model in public)  # a client key sees none of it

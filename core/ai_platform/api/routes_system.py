@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import time
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import psutil
@@ -21,6 +22,7 @@ from ai_platform.api.schemas import (
     LimitEntry,
     LimitsResponse,
     LimitUpdate,
+    ModelAgreement,
     ModelHealth,
     PluginHealth,
     PublicModelHealth,
@@ -29,10 +31,14 @@ from ai_platform.api.schemas import (
 )
 from ai_platform.api.validation import not_one_of
 from ai_platform.errors import AuthenticationError
+from ai_platform.export.model_folder import read_export_record
 from ai_platform.plugins import LoadedPlugins
 from ai_platform.services.orchestration import iso_timestamp
 from ai_platform.usage.database import database_status
 from ai_platform.usage.limit_service import LimitInfo, LimitService
+
+if TYPE_CHECKING:
+    from ai_platform.runtime.engine import ModelStatus
 
 MB = 1024 * 1024
 
@@ -65,6 +71,31 @@ class DeepHealthResponse(SystemHealthResponse, kw_only=True):
     """``?deep=true`` (admin key): also one example per operation through the running engine."""
 
     selftest: list[SelfTestHealth]
+
+
+def _model_health(status: ModelStatus) -> ModelHealth:
+    """An admin's view of one operation's model, with what its folder's export recorded (a small file, read
+    afresh: a folder exported again shows its new numbers)."""
+    record = read_export_record(Path(status.path))
+    agreement = None
+    if record is not None and record.agreement is not None and record.threshold is not None:
+        agreement = ModelAgreement(
+            top1=record.agreement.top1,
+            mean_kl=record.agreement.mean_kl,
+            positions=record.agreement.positions,
+            passed=bool(record.passed),
+            min_top1=record.threshold.min_top1,
+            max_mean_kl=record.threshold.max_mean_kl,
+        )
+    return ModelHealth(
+        name=f"{status.operation} ({status.model})",
+        loaded=status.loaded,
+        path=status.path,
+        provider=status.provider,
+        error=status.error,
+        precision=record.precision if record is not None else None,
+        agreement=agreement,
+    )
 
 
 def _limit_entry(info: LimitInfo) -> LimitEntry:
@@ -181,12 +212,7 @@ def health_route(engine: Any, plugins: LoadedPlugins, keyring: KeyRing | None = 
         response = SystemHealthResponse(
             status=status, uptime_seconds=uptime, memory_used_mb=used, memory_total_mb=total, cpu_percent=cpu,
             process_rss_mb=round(process.memory_info().rss / MB, 1),
-            models=[
-                ModelHealth(
-                    name=f"{s.operation} ({s.model})", loaded=s.loaded, path=s.path, provider=s.provider, error=s.error
-                )
-                for s in statuses
-            ],
+            models=[_model_health(s) for s in statuses],
             failed_plugins=[PluginHealth(name=p.name, status=p.status, error=p.error) for p in problems],
             timestamp=timestamp,
             database=DatabaseHealth(

@@ -48,14 +48,27 @@ class PublicModelHealth(msgspec.Struct, kw_only=True):
     path: str
 
 
+class ModelAgreement(msgspec.Struct, kw_only=True):
+    """How closely a model folder's graph follows its fp32 source, as its export measured and recorded it."""
+
+    top1: float  # share of calibration positions where both put the same token first, 0..1
+    mean_kl: float  # mean KL divergence of its next-token distributions from the source's, nats
+    positions: int  # of the calibration text
+    passed: bool  # whether it met the threshold of its export (min_top1, max_mean_kl)
+    min_top1: float
+    max_mean_kl: float
+
+
 class ModelHealth(msgspec.Struct, kw_only=True):
-    """A model as an admin sees it: also where it runs and why it is not loaded."""
+    """A model as an admin sees it: also where it runs, why it is not loaded, and what its export recorded."""
 
     name: str
     loaded: bool
     path: str
     provider: str | None
     error: str | None = None
+    precision: str | None = None  # of the weights (fp32, int8, int4), from the folder's export.json
+    agreement: ModelAgreement | None = None  # None: the folder has no recorded measurement
 
 
 class PluginHealth(msgspec.Struct, kw_only=True):
