@@ -15,11 +15,13 @@ import os
 # An explicit value in the environment wins. Checked from outside by tests/reliability/test_air_gapped.py.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
+from ai_platform.errors import RequestValidationError
 from ai_platform.hookspecs import hookimpl
 from ai_platform.operations import (
     Choice,
     Choose,
     Completion,
+    Example,
     Generate,
     LanguageCode,
     Limits,
@@ -27,7 +29,9 @@ from ai_platform.operations import (
     Operation,
     RequestId,
     ResponseMeta,
+    examples_file,
 )
+from ai_platform.text import split_sentences
 
 __version__ = "0.1.0"
 
@@ -35,13 +39,17 @@ __all__ = [
     "Choice",
     "Choose",
     "Completion",
+    "Example",
     "Generate",
     "LanguageCode",
     "Limits",
     "Message",
     "Operation",
     "RequestId",
+    "RequestValidationError",
     "ResponseMeta",
     "__version__",
+    "examples_file",
     "hookimpl",
+    "split_sentences",
 ]

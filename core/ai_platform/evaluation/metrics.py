@@ -16,17 +16,14 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ai_platform.text import split_sentences
+
 EVAL_EXTRA_HINT = "install the eval extra: pip install 'ai-platform[eval]' (make install does)"
 EVAL_MODULES = {"sklearn": "scikit-learn", "sacrebleu": "sacrebleu", "rouge_score": "rouge-score"}
-
-# Where the summarize operation ends a sentence (the same rule as ai_platform_summarize.split_sentences):
-# . ! ? or their CJK/Arabic forms followed by whitespace, and line breaks.
-_SENTENCE_END = re.compile(r"(?<=[.!?。！？؟])\s+")  # noqa: RUF001
 
 
 def missing_modules() -> list[str]:
@@ -131,8 +128,8 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float
 
 
 def count_sentences(text: str) -> int:
-    """Sentences in ``text`` by the summarize operation's own rule."""
-    return sum(1 for line in text.splitlines() for part in _SENTENCE_END.split(line) if part.strip())
+    """Sentences in ``text`` by the summarize operation's own rule (:func:`ai_platform.split_sentences`)."""
+    return len(split_sentences(text))
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 import msgspec
@@ -16,19 +15,17 @@ from ai_platform import (
     Operation,
     RequestId,
     ResponseMeta,
+    examples_file,
     hookimpl,
+    split_sentences,
 )
 from ai_platform.languages import language_name
-from ai_platform.operations import examples_file
 
 MAX_INPUT_CHARS = 8000
 # Prompt tokens (text and instructions): about twice what MAX_INPUT_CHARS of English make, so
 # only dense scripts and symbol runs (emoji: ~3 tokens each) meet it before the character limit.
 MAX_INPUT_TOKENS = 4096
 MAX_OUTPUT_TOKENS = 512
-
-# A sentence ends at . ! ? (or their CJK/Arabic forms) followed by whitespace or the end.
-_SENTENCE_END = re.compile(r"(?<=[.!?。！？؟])\s+")  # noqa: RUF001
 
 
 class SummarizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -42,12 +39,6 @@ class SummarizeResponse(msgspec.Struct, kw_only=True):
     summary: str
     sentence_count: int
     meta: ResponseMeta
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split text into sentences (line breaks also end a sentence)."""
-    parts = (p.strip() for line in text.splitlines() for p in _SENTENCE_END.split(line))
-    return [p for p in parts if p]
 
 
 def prompt(request: SummarizeRequest) -> Generate:
