@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,14 +78,30 @@ class Message:
 
 @dataclass(frozen=True, kw_only=True)
 class Generate:
-    """Model call: greedy generation from a chat prompt.
+    """Model call: generation from a chat prompt, greedy unless ``temperature`` is above 0.
 
     ``max_output_tokens`` may lower the operation's limit for this request,
-    never raise it.
+    never raise it. With ``temperature`` > 0 each token is drawn from
+    softmax(logits / temperature), within the ``top_p`` nucleus (the most likely
+    tokens holding that much probability), by a random generator seeded with
+    ``seed`` (``None``: unseeded). The text ends before the first ``stop`` string
+    that appears in it (``finish_reason`` "stop").
     """
 
     messages: Sequence[Message]
     max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"Generate.temperature must be a finite number >= 0, not {self.temperature!r}")
+        if self.top_p is not None and not 0 <= self.top_p <= 1:
+            raise ValueError(f"Generate.top_p must be between 0 and 1, not {self.top_p!r}")
+        if isinstance(self.stop, str) or not all(isinstance(stop, str) and stop for stop in self.stop):
+            raise ValueError("Generate.stop must be a sequence of non-empty strings")
 
 
 @dataclass(frozen=True, kw_only=True)

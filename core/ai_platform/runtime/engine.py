@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ai_platform.errors import ConfigurationError, ModelUnavailableError
 from ai_platform.operations import Choice, Choose, Completion, Generate
+from ai_platform.runtime.generation import Sampling
 from ai_platform.runtime.model_process import ModelProcess
 from ai_platform.runtime.onnx_model import EXECUTION_PROVIDERS
 from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES
@@ -208,11 +209,11 @@ class InferenceEngine:
         return len(prompt)
 
     async def generate(self, operation: str, call: Generate, *, max_output_tokens: int) -> Completion:
-        """Greedy completion of ``call.messages``; ``call.max_output_tokens`` may only lower the limit."""
+        """Completion of ``call.messages`` (greedy unless sampled); ``call.max_output_tokens`` may only lower the limit."""
         model = self._loaded(operation)
         if call.max_output_tokens is not None:
             max_output_tokens = min(max_output_tokens, call.max_output_tokens)
-        return await model.generate(call.messages, max_output_tokens)
+        return await model.generate(call.messages, max_output_tokens, _sampling(call), list(call.stop))
 
     def stream(
         self, operation: str, call: Generate, *, max_output_tokens: int
@@ -224,7 +225,7 @@ class InferenceEngine:
         model = self._loaded(operation)
         if call.max_output_tokens is not None:
             max_output_tokens = min(max_output_tokens, call.max_output_tokens)
-        return model.stream(call.messages, max_output_tokens)
+        return model.stream(call.messages, max_output_tokens, _sampling(call), list(call.stop))
 
     async def choose(self, operation: str, call: Choose) -> Choice:
         """Probabilities of ``call.options`` as the model's complete answer to ``call.messages``."""
@@ -233,3 +234,12 @@ class InferenceEngine:
         if not options:
             raise ValueError("Choose needs at least one option")
         return await model.choose(call.messages, options)
+
+
+def _sampling(call: Generate) -> Sampling:
+    """How ``call`` picks its tokens: greedy when its temperature is 0 or not given."""
+    return Sampling(
+        temperature=call.temperature or 0.0,
+        top_p=1.0 if call.top_p is None else call.top_p,
+        seed=call.seed,
+    )

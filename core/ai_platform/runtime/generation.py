@@ -1,7 +1,8 @@
-"""Greedy decoding and option scoring over an :class:`OnnxDecoder` with a KV cache."""
+"""Decoding (greedy, or sampled: :class:`Sampling`) and option scoring over an :class:`OnnxDecoder` with a KV cache."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -32,6 +33,80 @@ class Generated:
 
     tokens: list[int]
     finish_reason: str  # "stop" (eos produced) or "length" (token or context limit)
+
+
+# Nucleus sampling sorts only the most likely tokens when they hold top_p of the mass (they
+# nearly always do): a full sort of a 150k vocabulary would cost milliseconds a token.
+NUCLEUS_CANDIDATES = 1024
+
+Sampler = Callable[[np.ndarray], int]  # a row's logits in, the next token out
+
+
+def greedy_token(logits: np.ndarray) -> int:
+    """The most likely token (the first of equals)."""
+    return int(np.argmax(logits))
+
+
+def sample_token(logits: np.ndarray, *, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """A token drawn from softmax(logits / temperature), restricted to the top_p nucleus.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches
+    ``top_p`` (at least one token; ``top_p`` 1: all of them); the draw is renormalised
+    over it. One ``rng.random()`` per call, by inverse CDF.
+    """
+    scaled = logits.astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    candidates: np.ndarray | None = None
+    if top_p < 1.0:
+        size = probs.shape[-1]
+        top = np.argpartition(-probs, NUCLEUS_CANDIDATES)[:NUCLEUS_CANDIDATES] if size > NUCLEUS_CANDIDATES else None
+        if top is None or probs[top].sum() < top_p:
+            top = np.arange(size)
+        order = top[np.argsort(-probs[top], kind="stable")]
+        cumulative = np.cumsum(probs[order])
+        keep = min(int(np.searchsorted(cumulative, top_p)) + 1, len(order))
+        candidates = order[:keep]
+        probs = probs[candidates]
+    cumulative = np.cumsum(probs)
+    index = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(probs) - 1)
+    return int(candidates[index]) if candidates is not None else index
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a generation picks each token: greedy (``temperature`` 0, the default), or sampled.
+
+    Sampled: from softmax(logits / ``temperature``), within the ``top_p`` nucleus, by a
+    generator of the generation's own, seeded with ``seed`` (``None``: fresh entropy), so
+    that rows of a batch draw independently and a seed repeats its text.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature!r}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be between 0 and 1, not {self.top_p!r}")
+
+    def sampler(self) -> Sampler:
+        """A new sampler for one generation (its own generator: call once per generation)."""
+        if self.temperature == 0:
+            return greedy_token
+        # numpy seeds with non-negative integers: a negative seed is taken modulo 2**64.
+        rng = np.random.default_rng(None if self.seed is None else self.seed % 2**64)
+        temperature, top_p = self.temperature, self.top_p
+
+        def sample(logits: np.ndarray) -> int:
+            return sample_token(logits, temperature=temperature, top_p=top_p, rng=rng)
+
+        return sample
+
+
+GREEDY = Sampling()
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -4,7 +4,8 @@ onnxruntime is native code: a segfault, heap corruption or abort in it ends the 
 runs in. So each model runs in a child process (``multiprocessing``'s spawn start method:
 no threads, sockets or event loop inherited) that holds the model, its prefix cache and its
 continuous batch — an :class:`~ai_platform.runtime.served_model.InProcessModel` — and talks
-to the server over a pipe: chat messages in, completions and choices out (a few kB a call).
+to the server over a pipe: chat messages (with sampling and stop strings) in, completions and
+choices out (a few kB a call).
 
 When the child dies, every call in flight on it fails with :class:`ModelUnavailableError`
 (503 with ``Retry-After``; the orchestrator releases their reservations, so nothing is
@@ -35,6 +36,7 @@ from typing import Any
 
 from ai_platform.errors import ModelUnavailableError, OverloadedError, RequestValidationError, ServiceUnavailableError
 from ai_platform.operations import Choice, Completion, Message
+from ai_platform.runtime.generation import GREEDY, Sampling
 from ai_platform.runtime.model import PromptEncoder
 from ai_platform.runtime.served_model import InProcessModel, ModelOptions
 
@@ -402,10 +404,15 @@ class ModelProcess:
             raise
 
     async def stream(
-        self, messages: Sequence[Message], max_output_tokens: int
+        self,
+        messages: Sequence[Message],
+        max_output_tokens: int,
+        sampling: Sampling = GREEDY,
+        stop: Sequence[str] = (),
     ) -> AsyncGenerator[str | Completion, None]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        call_id, conn = self._submit("stream", (list(messages), max_output_tokens), self._streams, queue)
+        payload = (list(messages), max_output_tokens, sampling, list(stop))
+        call_id, conn = self._submit("stream", payload, self._streams, queue)
         try:
             while True:
                 item = await queue.get()
@@ -417,8 +424,14 @@ class ModelProcess:
         finally:
             self._cancel(call_id, conn, self._streams)  # a no-op once the result is in
 
-    async def generate(self, messages: Sequence[Message], max_output_tokens: int) -> Completion:
-        result: Completion = await self._call("generate", (list(messages), max_output_tokens))
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        max_output_tokens: int,
+        sampling: Sampling = GREEDY,
+        stop: Sequence[str] = (),
+    ) -> Completion:
+        result: Completion = await self._call("generate", (list(messages), max_output_tokens, sampling, list(stop)))
         return result
 
     async def choose(self, messages: Sequence[Message], options: Sequence[str]) -> Choice:

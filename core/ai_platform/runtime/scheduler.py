@@ -1,11 +1,12 @@
-"""Iteration-level scheduling of greedy generation: sequences join and leave between decode steps.
+"""Iteration-level scheduling of generation: sequences join and leave between decode steps.
 
 Every step feeds one token for each decoding sequence in a single forward pass,
 then runs one prefill chunk (``PREFILL_CHUNK`` prompt tokens) of the oldest new
 sequence, which joins the decoding ones once its prompt is done: a long prompt
 delays the others by one chunk per step, not by its whole prefill. Each sequence
 leaves on its own eos token, token limit or cancellation without disturbing the
-others (their rows keep their KV cache).
+others (their rows keep their KV cache). Each sequence picks its tokens with its own sampler
+(greedy, or drawn with a generator of its own: rows never share random numbers).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ai_platform.runtime.generation import Generated, GenerationCancelled
+from ai_platform.runtime.generation import Generated, GenerationCancelled, Sampler, greedy_token
 from ai_platform.runtime.kv_batch import DecodeBatch, Prefill
 
 Finish = Callable[[Generated | None, BaseException | None], None]
@@ -25,7 +26,7 @@ Finish = Callable[[Generated | None, BaseException | None], None]
 
 @dataclass(eq=False)
 class SequenceRequest:
-    """One greedy generation: its prompt, limits, and how to report the outcome.
+    """One generation: its prompt, limits, how it picks tokens and ends, and how to report the outcome.
 
     ``finish`` is called exactly once, on the scheduler's thread, with the result
     or the error (``GenerationCancelled`` once ``cancelled`` is set).
@@ -38,6 +39,9 @@ class SequenceRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
     on_token: Callable[[int], None] | None = None  # called with each new token, on the scheduler's thread
+    sample: Sampler = greedy_token  # the next token from this row's logits
+    # Called with each new token after on_token; True ends the sequence as "stop" (a stop string appeared).
+    ends: Callable[[int], bool] | None = None
 
 
 class ContinuousBatch:
@@ -133,14 +137,16 @@ class ContinuousBatch:
 
     def _take(self, row: int, logits: np.ndarray) -> None:
         request = self._rows[row]
-        token = int(np.argmax(logits))
+        token = request.sample(logits)
         if token in request.eos_ids:
             self._leave(row, Generated(request.tokens, "stop"), None)
             return
         request.tokens.append(token)
         if request.on_token is not None:
             request.on_token(token)
-        if len(request.tokens) >= request.budget:
+        if request.ends is not None and request.ends(token):
+            self._leave(row, Generated(request.tokens, "stop"), None)
+        elif len(request.tokens) >= request.budget:
             self._leave(row, Generated(request.tokens, "length"), None)
 
     def _leave(self, row: int, result: Generated | None, error: BaseException | None) -> None:

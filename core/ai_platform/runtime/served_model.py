@@ -12,13 +12,15 @@ import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ai_platform.operations import Choice, Completion, Message
+from ai_platform.runtime.generation import GREEDY, Generated, Sampling
 from ai_platform.runtime.kv_batch import new_batch
 from ai_platform.runtime.model import LanguageModel, PromptEncoder
 from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES
 from ai_platform.runtime.scheduler import ContinuousBatch
+from ai_platform.runtime.stop_strings import StopFilter, StopWatch, cut_at_stop
 from ai_platform.runtime.tokenizer import TextDeltas
 from ai_platform.runtime.worker import ModelWorker
 
@@ -68,11 +70,27 @@ class ServedModel(Protocol):
         """Prompt positions taken from the prefix cache instead of computed."""
         ...
 
-    async def generate(self, messages: Sequence[Message], max_output_tokens: int) -> Completion:
-        """Greedy completion of ``messages`` with at most ``max_output_tokens`` new tokens."""
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        max_output_tokens: int,
+        sampling: Sampling = GREEDY,
+        stop: Sequence[str] = (),
+    ) -> Completion:
+        """Completion of ``messages`` with at most ``max_output_tokens`` new tokens.
+
+        Tokens are picked as ``sampling`` says (greedy by default); the text ends before the
+        first of the ``stop`` strings that appears (``finish_reason`` "stop").
+        """
         ...
 
-    def stream(self, messages: Sequence[Message], max_output_tokens: int) -> AsyncGenerator[str | Completion, None]:
+    def stream(
+        self,
+        messages: Sequence[Message],
+        max_output_tokens: int,
+        sampling: Sampling = GREEDY,
+        stop: Sequence[str] = (),
+    ) -> AsyncGenerator[str | Completion, None]:
         """:meth:`generate`, yielding the text as it is decoded (``str`` deltas), then the :class:`Completion`.
 
         Closing the iterator early cancels the generation (its row leaves the batch at the next step).
@@ -132,31 +150,60 @@ class InProcessModel:
     def reused_prompt_tokens(self) -> int:
         return self.model.prefix_cache.reused_tokens
 
-    async def generate(self, messages: Sequence[Message], max_output_tokens: int) -> Completion:
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        max_output_tokens: int,
+        sampling: Sampling = GREEDY,
+        stop: Sequence[str] = (),
+    ) -> Completion:
         model = self.model
         prompt = await asyncio.to_thread(model.encode_prompt, messages)
-        generated = await self._worker.generate(prompt, model.budget(prompt, max_output_tokens), model.eos_ids)
-        return model.completion(generated)
+        budget = model.budget(prompt, max_output_tokens)
+        generated = await self._worker.generate(prompt, budget, model.eos_ids, **self._picking(sampling, stop))
+        return self._completion(generated, stop)
 
     async def stream(
-        self, messages: Sequence[Message], max_output_tokens: int
+        self,
+        messages: Sequence[Message],
+        max_output_tokens: int,
+        sampling: Sampling = GREEDY,
+        stop: Sequence[str] = (),
     ) -> AsyncGenerator[str | Completion, None]:
         model = self.model
         prompt = await asyncio.to_thread(model.encode_prompt, messages)
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
         budget = model.budget(prompt, max_output_tokens)
-        generation = asyncio.ensure_future(self._worker.generate(prompt, budget, model.eos_ids, tokens.put_nowait))
+        generation = asyncio.ensure_future(
+            self._worker.generate(prompt, budget, model.eos_ids, tokens.put_nowait, **self._picking(sampling, stop))
+        )
         # Each token is handed over before the result, so the queue holds them all when None arrives.
         generation.add_done_callback(lambda _: tokens.put_nowait(None))
         deltas = TextDeltas(model.tokenizer)
+        shown = StopFilter(stop)
         try:
             while (token := await tokens.get()) is not None:
-                if delta := deltas.push(token):
-                    yield delta
+                if (delta := deltas.push(token)) and (piece := shown.push(delta)):
+                    yield piece
             generated = generation.result()
         finally:
             generation.cancel()  # a no-op once it is done; else the sequence leaves the batch
-        yield model.completion(generated)
+        if rest := shown.finish():
+            yield rest
+        yield self._completion(generated, stop)
+
+    def _picking(self, sampling: Sampling, stop: Sequence[str]) -> dict[str, Any]:
+        """How a generation picks its tokens and ends: its own sampler, and a watch for its stop strings."""
+        watch = StopWatch(self.model.tokenizer, stop).push if any(stop) else None
+        return {"sample": sampling.sampler(), "ends": watch}
+
+    def _completion(self, generated: Generated, stop: Sequence[str]) -> Completion:
+        completion = self.model.completion(generated)
+        if not any(stop):
+            return completion
+        # Cut the text as StopWatch saw it (leading whitespace dropped), then strip it as completion() does.
+        text = cut_at_stop(self.model.tokenizer.decode(generated.tokens).lstrip(), stop).strip()
+        return Completion(text=text, output_tokens=completion.output_tokens, finish_reason=completion.finish_reason)
 
     async def choose(self, messages: Sequence[Message], options: Sequence[str]) -> Choice:
         model = self.model

@@ -1,6 +1,6 @@
 """A dedicated thread per loaded model, with a bounded queue of work from the event loop.
 
-Two kinds of work share the queue and start in arrival order. Greedy generations join
+Two kinds of work share the queue and start in arrival order. Generations join
 the model's :class:`ContinuousBatch` and decode together, one step at a time; jobs
 (option scoring) run in slices of one forward pass, taking turns with each other, and
 jobs and the batch's steps share the model's time evenly, so a long classify neither
@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Generator, Sequence
 from typing import Any, Generic, TypeVar
 
 from ai_platform.errors import ModelUnavailableError, OverloadedError
-from ai_platform.runtime.generation import Generated, Steps
+from ai_platform.runtime.generation import Generated, Sampler, Steps, greedy_token
 from ai_platform.runtime.scheduler import ContinuousBatch, SequenceRequest
 
 T = TypeVar("T")
@@ -166,17 +166,22 @@ class ModelWorker:
         budget: int,
         eos_ids: Collection[int],
         on_token: Callable[[int], None] | None = None,
+        *,
+        sample: Sampler = greedy_token,
+        ends: Callable[[int], bool] | None = None,
     ) -> Generated:
-        """Greedy-decode ``prompt`` in the model's continuous batch (at most ``budget`` new tokens).
+        """Decode ``prompt`` in the model's continuous batch (at most ``budget`` new tokens).
 
         ``on_token`` is called with each new token, on the caller's event loop, before the
-        result. Cancelling the wait removes the sequence from the batch at the next step.
+        result. ``sample`` picks each token from the logits; ``ends``, called on the model's
+        thread with each token, ends the generation as "stop" when it returns True.
+        Cancelling the wait removes the sequence from the batch at the next step.
         """
         if self._batch is None:
             raise RuntimeError(f"worker {self.name!r} has no decode batch")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Generated] = loop.create_future()
-        request = SequenceRequest(prompt, budget, eos_ids, _reporter(future))
+        request = SequenceRequest(prompt, budget, eos_ids, _reporter(future), sample=sample, ends=ends)
         if on_token is not None:
             report_token = on_token
 
