@@ -17,10 +17,11 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins import InitPluginProtocol
 
-from ai_platform import __version__
+from ai_platform import __version__, chat
 from ai_platform.api.audit_middleware import AuditMiddleware
 from ai_platform.api.auth import API_KEY_HEADER, KeyRing, api_key_middleware
 from ai_platform.api.errors import EXCEPTION_HANDLERS
+from ai_platform.api.openai_compat import openai_router
 from ai_platform.api.openapi_docs import SCHEMA_PATH, render_plugins
 from ai_platform.api.openapi_responses import TRANSPORT_ERRORS
 from ai_platform.api.routes_metrics import metrics_route
@@ -90,6 +91,8 @@ class PlatformPlugin(InitPluginProtocol):
         app_config.route_handlers.append(health_route(self.engine, self.plugins))
         app_config.route_handlers.extend(introspection_routes(self.plugins, self.engine, self.limits))
         app_config.route_handlers.append(metrics_route(self.metrics, self.settings.metrics_access))
+        if self.settings.openai_api and chat.NAME in self.plugins.operations:
+            app_config.route_handlers.append(openai_router(self.service, self.engine))
 
     def _configure_security(self, app_config: AppConfig) -> None:
         # The audit middleware wraps the whole app instead (audited(), called by create_app): route
@@ -128,14 +131,15 @@ class PlatformPlugin(InitPluginProtocol):
         app_config.openapi_config = OpenAPIConfig(
             title=self.settings.app_name,
             version=__version__,
-            description="Task operations over local language models. Every endpoint but /health needs X-API-Key. "
-            + TRANSPORT_ERRORS,
+            description="Task operations over local language models. Every endpoint but /health needs an API key, "
+            "in X-API-Key or as Authorization: Bearer. " + TRANSPORT_ERRORS,
             components=Components(
                 security_schemes={
-                    "ApiKey": SecurityScheme(type="apiKey", name=API_KEY_HEADER, security_scheme_in="header")
+                    "ApiKey": SecurityScheme(type="apiKey", name=API_KEY_HEADER, security_scheme_in="header"),
+                    "Bearer": SecurityScheme(type="http", scheme="bearer"),
                 }
             ),
-            security=[{"ApiKey": []}],
+            security=[{"ApiKey": []}, {"Bearer": []}],
             path=SCHEMA_PATH,
             render_plugins=render_plugins(),  # Swagger UI with its files served here: no CDN (air-gapped)
         )

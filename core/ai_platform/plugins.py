@@ -18,7 +18,7 @@ from typing import Any, Literal, cast
 
 import pluggy
 
-from ai_platform import hookspecs
+from ai_platform import chat, hookspecs
 from ai_platform.errors import ConfigurationError, PluginError
 from ai_platform.operations import ModelCall, Operation, ResponseMeta
 from ai_platform.plugin_config import read_plugin_config, resolve_section
@@ -268,12 +268,17 @@ def _check_api_version(plugin: object) -> None:
 
 
 def load_configured_plugins(settings: PluginSettings) -> LoadedPlugins:
-    """Load plugins as the settings say (allow/deny lists, strictness, per-plugin configuration)."""
+    """Load plugins as the settings say (allow/deny lists, strictness, per-plugin configuration).
+
+    ``OPENAI_API=true`` adds the core's ``chat`` plugin (the operation behind ``/v1``), subject to
+    the same lists.
+    """
     return load_plugins(
         enabled=settings.enabled_plugins,
         disabled=settings.disabled_plugins,
         strict=settings.strict_plugins,
         config=read_plugin_config(settings.plugins_config),
+        extra_plugins=[(chat.PLUGIN_NAME, chat)] if settings.openai_api else [],
     )
 
 

@@ -68,6 +68,8 @@ class PluginSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     disabled_plugins: list[NonEmptyStr] = msgspec.field(default_factory=list)
     strict_plugins: bool = False
     plugins_config: Path | None = None
+    # The OpenAI-compatible API (/v1) and its operation, chat: a plugin of the core's, loaded only when true.
+    openai_api: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env") -> Self:

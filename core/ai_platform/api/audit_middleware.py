@@ -15,7 +15,7 @@ from typing import Any
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from ai_platform.api.auth import API_KEY_HEADER, KeyRing, Principal
+from ai_platform.api.auth import API_KEY_HEADER, KeyRing, Principal, presented_key
 from ai_platform.api.errors import status_for
 from ai_platform.errors import AuthenticationError
 from ai_platform.metrics import PlatformMetrics
@@ -24,6 +24,7 @@ from ai_platform.usage import audit
 # Metrics label values: a method outside this set (the client chooses it) is counted as OTHER.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 _KEY_HEADER = API_KEY_HEADER.lower().encode()
+_AUTHORIZATION = b"authorization"
 
 
 class AuditMiddleware:
@@ -90,10 +91,14 @@ class AuditMiddleware:
         user = scope.get("user")
         if isinstance(user, Principal):
             return user.key_id
-        key = next((v for k, v in scope["headers"] if k == _KEY_HEADER), None)
+        headers: dict[bytes, str] = {}
+        for name, value in scope["headers"]:
+            if name in (_KEY_HEADER, _AUTHORIZATION):
+                headers.setdefault(name, value.decode("latin-1"))
+        key = presented_key(headers.get(_KEY_HEADER), headers.get(_AUTHORIZATION))
         if key is None:
             return None
         try:
-            return self.keyring.authenticate(key.decode("latin-1")).key_id
+            return self.keyring.authenticate(key).key_id
         except AuthenticationError:
             return None

@@ -1,4 +1,7 @@
-"""Authentication (middleware) and authorisation (guards) by ``X-API-Key``.
+"""Authentication (middleware) and authorisation (guards) by API key: ``X-API-Key``, or ``Authorization: Bearer``.
+
+OpenAI's clients send the key as ``Authorization: Bearer KEY``; every route accepts it, and
+``X-API-Key`` wins when a request has both.
 
 Keys are compared in constant time against every configured key, so timing
 reveals neither which key matched nor how much of a key was right. Only a
@@ -22,6 +25,7 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 from ai_platform.errors import AuthenticationError
 
 API_KEY_HEADER = "X-API-Key"
+BEARER = "bearer"
 PUBLIC_PATHS = ["^/health$"]
 _OWS = " \t"  # optional whitespace around a header value
 
@@ -82,8 +86,18 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         self.keyring = keyring
 
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:  # type: ignore[type-arg]
-        principal = self.keyring.authenticate(connection.headers.get(API_KEY_HEADER))
+        principal = self.keyring.authenticate(
+            presented_key(connection.headers.get(API_KEY_HEADER), connection.headers.get("authorization"))
+        )
         return AuthenticationResult(user=principal, auth=None)
+
+
+def presented_key(api_key: str | None, authorization: str | None) -> str | None:
+    """The key a request presents: its ``X-API-Key``, else the credentials of ``Authorization: Bearer``."""
+    if api_key is not None or authorization is None:
+        return api_key
+    scheme, _, credentials = authorization.strip(_OWS).partition(" ")
+    return credentials if scheme.lower() == BEARER else None
 
 
 def api_key_middleware(keyring: KeyRing) -> DefineMiddleware:

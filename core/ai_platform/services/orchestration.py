@@ -98,6 +98,7 @@ class _Admitted:
 
     call: ModelCall
     input_text: str
+    input_tokens: int | None  # the prompt's length in the model's tokens, if the engine counted it
     reservation: Reservation
     started: float  # time.perf_counter() at the request's start
     deadline: float  # the event loop's time when it times out
@@ -110,6 +111,7 @@ class Outcome:
     response: Any
     output_tokens: int
     rate_limit: RateLimit
+    input_tokens: int | None = None  # the prompt's tokens, where the engine counts them (OpenAI's usage)
 
 
 def iso_timestamp(moment: datetime) -> str:
@@ -225,9 +227,9 @@ class OrchestrationService:
         call = self._plugin_step(operation, "prompt", self.hooks.build_model_call, operation, request)
         self._check_call(operation, call)
         async with self._deadline(deadline):
-            await self._check_with_engine(operation, call, _input_loc(request, input_text))
+            input_tokens = await self._check_with_engine(operation, call, _input_loc(request, input_text))
         reservation = await self.limits.admit(operation.name, key_id)  # cancellation-safe
-        return _Admitted(call, input_text, reservation, started, deadline)
+        return _Admitted(call, input_text, input_tokens, reservation, started, deadline)
 
     async def _settle(
         self,
@@ -248,7 +250,7 @@ class OrchestrationService:
         )
         response = self._plugin_step(operation, "respond", self._respond, operation, request, result, meta)
         await self.limits.commit(admitted.reservation, tokens=result.output_tokens)
-        return Outcome(response, result.output_tokens, admitted.reservation.rate_limit)
+        return Outcome(response, result.output_tokens, admitted.reservation.rate_limit, admitted.input_tokens)
 
     @asynccontextmanager
     async def _deadline(self, deadline: float) -> AsyncIterator[None]:
@@ -294,11 +296,11 @@ class OrchestrationService:
             log.error("operation %r built %s", operation.name, problem)
             raise OperationError(f"Operation '{operation.name}' failed.")
 
-    async def _check_with_engine(self, operation: Operation, call: ModelCall, loc: list[str]) -> None:  # type: ignore[type-arg]
-        """The engine's own check, then the operation's token limit on the prompt it counted."""
+    async def _check_with_engine(self, operation: Operation, call: ModelCall, loc: list[str]) -> int | None:  # type: ignore[type-arg]
+        """The engine's own check, then the operation's token limit on the prompt it counted; the prompt's tokens."""
         check = getattr(self.engine, "check", None)
         if check is None:
-            return
+            return None
         tokens = await check(operation.name, call)
         limit = operation.limits.max_input_tokens
         if limit is not None and isinstance(tokens, int) and tokens > limit:
@@ -307,6 +309,7 @@ class OrchestrationService:
                 f"Input is too long for operation '{operation.name}': its prompt is {tokens} tokens; at most {limit}.",
                 loc=loc,
             )
+        return tokens if isinstance(tokens, int) else None
 
     async def _call_model(self, operation: Operation, call: ModelCall) -> Completion | Choice:  # type: ignore[type-arg]
         if isinstance(call, Generate):
