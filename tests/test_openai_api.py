@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from ai_platform import chat
 from ai_platform.app import create_app
 from ai_platform.operations import Message
 from ai_platform.runtime.generation import greedy_generate
@@ -185,6 +186,30 @@ async def test_an_abandoned_stream_is_not_counted(chat_env: dict[str, str]) -> N
             await asyncio.sleep(0.05)
         assert reservations(chat_env) == 0
         assert await chat_count(client) == 0
+
+
+async def test_a_plugin_wrapping_responses_gets_the_whole_text_at_once(tmp_path: Path) -> None:
+    # redact masks e-mail addresses in the answer: a delta could show one before it is masked.
+    env = platform_env(tmp_path, ENABLED_PLUGINS="chat,redact", OPENAI_API="true")
+    engine = FakeEngine(answer="Write to ann@example.com today.", delay=0.01)
+    async with serving(env, engine) as (oai, client):
+        stream = await oai.chat.completions.create(model="fake-chat", messages=HELLO, stream=True)  # type: ignore[arg-type]
+        pieces = [chunk.choices[0].delta.content async for chunk in stream if chunk.choices[0].delta.content]
+        assert pieces == ["Write to [email] today."]
+        assert await chat_count(client) == 1
+
+
+def test_the_chat_limits_come_from_its_plugin_configuration() -> None:
+    operation = chat.build_operation({"max_output_tokens": 64, "max_input_chars": 500})
+    assert (operation.limits.max_output_tokens, operation.limits.max_input_chars) == (64, 500)
+    assert chat.build_operation({}).limits.max_output_tokens == chat.DEFAULT_LIMITS["max_output_tokens"]
+    with pytest.raises(ValueError, match=r"unknown setting.*max_output"):
+        chat.build_operation({"max_output": 64})
+    request = chat.ChatRequest(
+        messages=[chat.ChatMessage(role="user", content="hi")], max_completion_tokens=64, stop="\n"
+    )
+    call = operation.prompt(request)
+    assert (call.max_output_tokens, call.stop, call.temperature, call.seed) == (64, ["\n"], 1.0, None)  # type: ignore[union-attr]
 
 
 # --- the real runtime ------------------------------------------------------------------------
