@@ -178,7 +178,7 @@ async def test_a_generated_client_calls_every_operation_and_gets_each_error_as_d
         assert [(q.key_id, q.daily_limit) for q in r.parsed.quotas] == [(me, 9)]
         r = await key_usage(client=admin, key_id=me)
         assert {u.key_id for u in r.parsed.usage} == {me}
-        delete_quota = op("quotas", "quotas_key_operation_delete_quota")
+        delete_quota = op("quotas", "quotas_key_id_operation_delete_quota")
         assert (await delete_quota(me, "translate", client=admin)).status_code == 204
         r = await op("system", "health_health")(client=anonymous)
         assert r.parsed.status == "healthy"
@@ -283,7 +283,7 @@ async def test_every_route_documents_its_errors_and_no_400(env: dict[str, str], 
     validation_body = {"$ref": "#/components/schemas/ValidationErrorResponse"}
     # What reads or writes the usage database answers 503 while it is unreachable; 404 where a thing is named.
     without_database = {("get", "/health"), ("get", "/plugins"), ("get", "/metrics")}
-    not_found = {("delete", "/quotas/{key}/{operation}"), ("get", "/usage/keys")}
+    not_found = {("delete", "/quotas/{key_id}/{operation}"), ("get", "/usage/keys")}
     known = {
         ("get", "/limits"), ("put", "/limits"), ("get", "/limits/usage"), ("get", "/quotas"), ("put", "/quotas"),
         ("get", "/usage/keys/me"), ("get", "/operations"), *without_database, *not_found,

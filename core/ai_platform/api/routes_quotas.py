@@ -111,15 +111,16 @@ def quota_routes(limits: LimitService, keyring: KeyRing) -> list[HTTPRouteHandle
         return _quota_entry(await limits.set_quota(data.key_id, data.operation, data.daily_limit))
 
     @delete(
-        "/quotas/{key:str}/{operation:str}",
+        "/quotas/{key_id:str}/{operation:str}",
         tags=["quotas"],
         summary="Remove one key's quota on one operation (admin key).",
         guards=[admin_only],
         **documented(403, (404, "No such quota."), 500, 503),
     )
-    async def delete_quota(key: FromPath[str], operation: FromPath[str]) -> None:
+    async def delete_quota(key_id: FromPath[str], operation: FromPath[str]) -> None:
         # Checked before the database sees them: path parameters are arbitrary client text.
-        if key not in key_ids or operation not in limits.operations or not await limits.delete_quota(key, operation):
+        known = key_id in key_ids and operation in limits.operations
+        if not known or not await limits.delete_quota(key_id, operation):
             raise NotFoundError("No such quota.")
 
     @get(
