@@ -4,6 +4,7 @@ harness on a fake engine, and the real command on the tiny model."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -59,6 +60,18 @@ def test_classification_metrics() -> None:
     assert result["macro_f1"] == pytest.approx(4 / 9)
     # ECE over the three answers with a confidence: bins 9 (.9, right), 6 (.6, wrong), 8 (.8, right)
     assert result["ece"] == pytest.approx((0.1 + 0.6 + 0.2) / 3)
+
+
+def test_fit_temperature_finds_the_log_loss_optimum() -> None:
+    # Two labels, scores 1 and 0, right 3 times in 4: the log-loss is least where
+    # sigmoid(1 / T) = 3/4, at T = 1 / ln 3.
+    scores = [[1.0, 0.0]] * 4
+    assert metrics.fit_temperature(scores, [0, 0, 0, 1]) == pytest.approx(1 / math.log(3), rel=1e-3)
+    # Always right: as sure as the search allows; right half the time: as unsure.
+    assert metrics.fit_temperature(scores, [0, 0, 0, 0]) == pytest.approx(0.01, rel=1e-2)
+    assert metrics.fit_temperature(scores, [0, 1, 0, 1]) == pytest.approx(100, rel=1e-2)
+    with pytest.raises(ValueError, match="same length"):
+        metrics.fit_temperature(scores, [0])
 
 
 def test_chrf_and_rouge_l() -> None:

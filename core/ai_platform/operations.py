@@ -106,10 +106,19 @@ class Generate:
 
 @dataclass(frozen=True, kw_only=True)
 class Choose:
-    """Model call: score each option by the model's likelihood of answering exactly it."""
+    """Model call: score each option by the model's likelihood of answering exactly it.
+
+    ``neutral``: the same messages with the input replaced by a content-free text such as
+    ``"N/A"``. When given, an option's score is its log-likelihood for ``messages`` minus that
+    for ``neutral`` (contextual calibration, Zhao et al. 2021): the model's preference for some
+    labels whatever the text (their wording, their length, their place in the list) cancels
+    out, and what is left is what the text itself says. It costs a second scoring of the options,
+    paid once per distinct ``neutral`` prompt and options while the model keeps it in memory.
+    """
 
     messages: Sequence[Message]
     options: Sequence[str]
+    neutral: Sequence[Message] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -233,7 +233,7 @@ class InferenceEngine:
         options = list(dict.fromkeys(call.options))  # duplicates would collapse in the scores dict
         if not options:
             raise ValueError("Choose needs at least one option")
-        return await model.choose(call.messages, options)
+        return await model.choose(call.messages, options, call.neutral)
 
 
 def _sampling(call: Generate) -> Sampling:

@@ -228,18 +228,19 @@ def score_options(
     should_stop: Callable[[], bool] = lambda: False,
     cache: PrefixCache | None = None,
 ) -> list[float]:
-    """All of :func:`score_options_steps` at once, checking ``should_stop`` before each pass."""
-    return run_steps(score_options_steps(model, prompt, options, cache=cache), should_stop)
+    """log P(option | prompt) for each option's token ids: the sum of :func:`option_log_probs_steps`."""
+    per_token = run_steps(option_log_probs_steps(model, prompt, options, cache=cache), should_stop)
+    return [sum(log_probs) for log_probs in per_token]
 
 
-def score_options_steps(
+def option_log_probs_steps(
     model: OnnxDecoder,
     prompt: Sequence[int],
     options: Sequence[Sequence[int]],
     *,
     cache: PrefixCache | None = None,
-) -> Steps[list[float]]:
-    """log P(option | prompt) for each option's token ids (each ends with the end-of-turn token).
+) -> Steps[list[list[float]]]:
+    """log P(token | prompt, the option's tokens before it) for each token of each option.
 
     One forward pass per slice (see :data:`Steps`): the prompt's prefill chunks, then the
     options as right-padded batches that reuse its KV cache. The pads are fed as ordinary
@@ -252,7 +253,7 @@ def score_options_steps(
     length = len(prompt)
     last, past = yield from prefill_chunks(model, prompt, cache)
     first = _log_softmax(last)
-    totals = [float(first[option[0]]) for option in options]
+    per_token = [[float(first[option[0]])] for option in options]
     # GroupQueryAttention takes several new tokens on top of a past only for one row at a time.
     rows_per_pass = 1 if model.fused_attention else MAX_OPTION_BATCH
     for start in range(0, len(options), rows_per_pass):
@@ -274,5 +275,5 @@ def score_options_steps(
         for row, option in enumerate(chunk):
             steps = len(option) - 1
             log_probs = _log_softmax(logits[row, :steps])
-            totals[start + row] += float(log_probs[np.arange(steps), option[1:]].sum())
-    return totals
+            per_token[start + row].extend(float(x) for x in log_probs[np.arange(steps), option[1:]])
+    return per_token

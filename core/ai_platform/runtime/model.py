@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ai_platform.errors import RequestValidationError
 from ai_platform.operations import Choice, Completion, Message
-from ai_platform.runtime.generation import Generated, Steps, run_steps, score_options_steps
+from ai_platform.runtime.generation import Generated, Steps, option_log_probs_steps, run_steps
 from ai_platform.runtime.manifest import verify_manifest
 from ai_platform.runtime.onnx_model import OnnxDecoder
 from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
@@ -94,6 +94,10 @@ class PromptEncoder:
         )
 
 
+# Neutral prompts whose option scores a model keeps (the oldest goes first); a few kB each.
+BASELINES_KEPT = 256
+
+
 class LanguageModel(PromptEncoder):
     """A model folder loaded for serving: its text side plus the ONNX decoder and a prefix cache.
 
@@ -111,6 +115,9 @@ class LanguageModel(PromptEncoder):
         self.decoder = decoder
         # Shared by generation and option scoring, on the model's thread.
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        # Options' log-likelihoods under neutral prompts (Choose.neutral), by prompt and answers:
+        # an operation's neutral prompt depends on its options, not on the text, so it repeats.
+        self._baselines: dict[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]], list[float]] = {}
 
     @classmethod
     def load(
@@ -157,18 +164,49 @@ class LanguageModel(PromptEncoder):
         answers: list[list[int]],
         options: Sequence[str],
         should_stop: Callable[[], bool],
+        baseline: tuple[list[int], list[list[int]]] | None = None,
     ) -> Choice:
         """All of :meth:`choose_steps` at once, checking ``should_stop`` before each forward pass."""
-        return run_steps(self.choose_steps(prompt, answers, options), should_stop)
+        return run_steps(self.choose_steps(prompt, answers, options, baseline), should_stop)
 
-    def choose_steps(self, prompt: list[int], answers: list[list[int]], options: Sequence[str]) -> Steps[Choice]:
-        """Probabilities of the options (softmax of their log-likelihoods), in option order; a pass per slice."""
-        totals = yield from score_options_steps(self.decoder, prompt, answers, cache=self.prefix_cache)
-        top = max(totals)
-        weights = [math.exp(total - top) for total in totals]
-        norm = sum(weights)
-        best = totals.index(top)
+    def choose_steps(
+        self,
+        prompt: list[int],
+        answers: list[list[int]],
+        options: Sequence[str],
+        baseline: tuple[list[int], list[list[int]]] | None = None,
+    ) -> Steps[Choice]:
+        """Probabilities of the options, in option order; a forward pass per slice.
+
+        Each option's score is its log-likelihood (the sum over its answer tokens, end-of-turn
+        included), minus, with a ``baseline`` (a neutral prompt and its answers, from
+        :meth:`encode_choice`), its log-likelihood there; the probabilities are their softmax.
+        """
+        scores = yield from self._log_likelihoods(prompt, answers)
+        if baseline is not None:
+            key = (tuple(baseline[0]), tuple(tuple(answer) for answer in baseline[1]))
+            prior = self._baselines.get(key)
+            if prior is None:
+                prior = yield from self._log_likelihoods(*baseline)
+                if len(self._baselines) >= BASELINES_KEPT:
+                    del self._baselines[next(iter(self._baselines))]
+                self._baselines[key] = prior
+            scores = [score - neutral for score, neutral in zip(scores, prior, strict=True)]
+        probabilities = option_probabilities(scores)
+        best = probabilities.index(max(probabilities))
         return Choice(
-            scores={option: weight / norm for option, weight in zip(options, weights, strict=True)},
+            scores=dict(zip(options, probabilities, strict=True)),
             output_tokens=len(answers[best]),
         )
+
+    def _log_likelihoods(self, prompt: list[int], answers: list[list[int]]) -> Steps[list[float]]:
+        per_token = yield from option_log_probs_steps(self.decoder, prompt, answers, cache=self.prefix_cache)
+        return [sum(log_probs) for log_probs in per_token]
+
+
+def option_probabilities(scores: Sequence[float]) -> list[float]:
+    """softmax(scores): the options' log-likelihoods (up to a shared constant) as probabilities summing to 1."""
+    top = max(scores)
+    weights = [math.exp(score - top) for score in scores]
+    norm = sum(weights)
+    return [weight / norm for weight in weights]

@@ -434,8 +434,10 @@ class ModelProcess:
         result: Completion = await self._call("generate", (list(messages), max_output_tokens, sampling, list(stop)))
         return result
 
-    async def choose(self, messages: Sequence[Message], options: Sequence[str]) -> Choice:
-        result: Choice = await self._call("choose", (list(messages), list(options)))
+    async def choose(
+        self, messages: Sequence[Message], options: Sequence[str], neutral: Sequence[Message] = ()
+    ) -> Choice:
+        result: Choice = await self._call("choose", (list(messages), list(options), list(neutral)))
         return result
 
     async def close(self) -> None:

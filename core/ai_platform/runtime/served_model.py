@@ -97,8 +97,13 @@ class ServedModel(Protocol):
         """
         ...
 
-    async def choose(self, messages: Sequence[Message], options: Sequence[str]) -> Choice:
-        """Probabilities of ``options`` (distinct) as the model's complete answer to ``messages``."""
+    async def choose(
+        self, messages: Sequence[Message], options: Sequence[str], neutral: Sequence[Message] = ()
+    ) -> Choice:
+        """Probabilities of ``options`` (distinct) as the model's complete answer to ``messages``.
+
+        With ``neutral`` messages, calibrated against them (:class:`~ai_platform.operations.Choose`).
+        """
         ...
 
     async def close(self) -> None:
@@ -205,10 +210,13 @@ class InProcessModel:
         text = cut_at_stop(self.model.tokenizer.decode(generated.tokens).lstrip(), stop).strip()
         return Completion(text=text, output_tokens=completion.output_tokens, finish_reason=completion.finish_reason)
 
-    async def choose(self, messages: Sequence[Message], options: Sequence[str]) -> Choice:
+    async def choose(
+        self, messages: Sequence[Message], options: Sequence[str], neutral: Sequence[Message] = ()
+    ) -> Choice:
         model = self.model
         prompt, answers = await asyncio.to_thread(model.encode_choice, messages, options)
-        return await self._worker.run(model.choose_steps(prompt, answers, options))
+        baseline = await asyncio.to_thread(model.encode_choice, neutral, options) if neutral else None
+        return await self._worker.run(model.choose_steps(prompt, answers, options, baseline))
 
     async def close(self) -> None:
         await self._worker.close()
