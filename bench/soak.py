@@ -570,7 +570,7 @@ class Soak:
         levels = [int(level) for level in args.levels.split(",")]
         print(
             f"soak: {args.minutes:g} min, {args.workers} worker(s), phases of {phase_s:g} s at {levels} clients "
-            f"(cycling), {gap:g} s idle between, PREFIX_CACHE_MB={args.prefix_cache_mb}",
+            f"(cycling), {gap:g} s idle between, PREFIX_CACHE_MB={args.prefix_cache_mb}, KV_CACHE_MB={args.kv_cache_mb}",
             flush=True,
         )
         # Warm-up: one valid request of each operation, one after the other (counted like the rest).
@@ -689,6 +689,7 @@ def server_env(folder: Path, model: Path, args: argparse.Namespace) -> dict[str,
         "LOG_DIR": str(folder / "logs"),
         "LOG_LEVEL": "INFO",  # uvicorn reports a dead worker ("Child process [N] died") at INFO
         "PREFIX_CACHE_MB": str(args.prefix_cache_mb),
+        "KV_CACHE_MB": str(args.kv_cache_mb),
         "METRICS_ACCESS": "admin",
     }
     # The server's own .env (it runs in ``folder``): the settings can be read, and rerun by hand, from there.
@@ -791,6 +792,20 @@ def main() -> None:
         help="PREFIX_CACHE_MB; 4 holds one or two short prompts of the demo model (45 KiB a position): "
         "constant evictions, longer prompts never cached (default: %(default)s)",
     )
+    parser.add_argument(
+        "--kv-cache-mb",
+        type=int,
+        default=2048,
+        help="KV_CACHE_MB: below what 16 clients near the input limits would take, so generations wait for room "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-peak-mb",
+        type=float,
+        help="fail if the server tree's RSS ever exceeds this (default: per worker KV_CACHE_MB + 2,560 MB, plus "
+        "512: the decode batch's budget, under heap checks every page of it resident; a prefill and four "
+        "classify jobs' prompt caches; each process's own ~250 MB)",
+    )
     parser.add_argument("--malloc-perturb", type=int, default=165, help="MALLOC_PERTURB_ (default: %(default)s)")
     parser.add_argument("--no-heap-checks", action="store_true", help="run without MALLOC_CHECK_/MALLOC_PERTURB_")
     parser.add_argument("--keep", action="store_true", help="keep the server's folder (logs, database)")
@@ -838,6 +853,7 @@ def main() -> None:
         "model": str(args.model),
         "seed": args.seed,
         "prefix_cache_mb": args.prefix_cache_mb,
+        "kv_cache_mb": args.kv_cache_mb,
         "malloc_env": heap,
         "duration_s": result["duration_s"],
         "phases": soak.phases,
@@ -890,6 +906,9 @@ def main() -> None:
         failures.append(f"{len(stats.bad_bodies)} 200s breaking the contract")
     if not result["counters"].get("match"):
         failures.append("usage counters != 200s")
+    max_peak = args.max_peak_mb or args.workers * (args.kv_cache_mb + 2560) + 512
+    if soak.peak_rss_mb > max_peak:
+        failures.append(f"peak RSS {soak.peak_rss_mb:.0f} MB > {max_peak:.0f} MB")
     wrong_invalid = sum(n for status, n in stats.invalid_statuses.items() if status != "422")
     if wrong_invalid:
         failures.append(f"{wrong_invalid} invalid requests not answered 422")
