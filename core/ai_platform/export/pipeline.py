@@ -32,7 +32,8 @@ class Recipe:
     ``prepare`` writes a Hugging Face folder (weights, tokenizer, chat template) under the work dir
     it is given and returns it. Bump ``version`` whenever the output changes, so old folders are rebuilt.
     ``format`` picks the exporter: ``optimum`` (standard ops; int8 and int4 quantized after export) or
-    ``genai`` (onnxruntime-genai's builder, run by ``genai_python``: fused attention, quantizes itself).
+    ``genai`` (onnxruntime-genai's builder, run by ``genai_python``: fused attention, quantizes itself, with
+    ``builder_options``: its quantization options, see ``genai_builder.quantization_options``).
     """
 
     name: str
@@ -41,6 +42,7 @@ class Recipe:
     format: str = "optimum"
     precision: str = "fp32"
     genai_python: str | None = None
+    builder_options: tuple[tuple[str, str], ...] = ()
 
 
 def _export(recipe: Recipe, hf_dir: Path, staging: Path, work: Path) -> tuple[str, dict[str, str]]:
@@ -54,7 +56,8 @@ def _export(recipe: Recipe, hf_dir: Path, staging: Path, work: Path) -> tuple[st
         raise ValueError(f"format must be one of {', '.join(FORMATS)} (genai needs genai_python)")
     from ai_platform.export.genai_builder import builder_versions, export_genai
 
-    export_genai(hf_dir, staging, recipe.precision, recipe.genai_python, work / "builder-cache")
+    options = dict(recipe.builder_options)
+    export_genai(hf_dir, staging, recipe.precision, recipe.genai_python, work / "builder-cache", options)
     filename = json.loads((staging / "genai_config.json").read_text())["model"]["decoder"]["filename"]
     return str(filename), {**tool_versions(), **builder_versions(recipe.genai_python)}
 
@@ -111,6 +114,7 @@ def build(
             details = {
                 "format": recipe.format,
                 "precision": recipe.precision,
+                **({"builder_options": dict(recipe.builder_options)} if recipe.format == "genai" else {}),
                 "built_with": versions,
                 "validation": asdict(answer),
                 "agreement": {
