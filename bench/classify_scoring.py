@@ -31,7 +31,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,6 @@ class Record:
     score_s: float
     content_free_s: float
     generate_s: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def collect(model: LanguageModel, progress: Callable[[str], None]) -> list[Record]:
@@ -219,23 +218,41 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = (
-        "| variant | T | acc all | F1 all | ECE all | acc dev | ECE dev | acc heldout | F1 heldout | ECE heldout"
-        " | unmapped | median ms |"
-    )
+    splits = ("all", "dev", "heldout")
+    head = "| variant | T | " + " | ".join(f"acc {s} | F1 {s} | ECE {s}" for s in splits) + " | unmapped | median ms |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
-        m = row.metrics
         name = row.variant + ("+T" if row.temperature is not None else "")
-        lines.append(
-            f"| {name} | {_fmt(row.temperature, digits=2)} | {_fmt(m['all']['accuracy'], 100)}"
-            f" | {_fmt(m['all']['macro_f1'], 100)} | {_fmt(m['all']['ece'], digits=3)}"
-            f" | {_fmt(m['dev']['accuracy'], 100)} | {_fmt(m['dev']['ece'], digits=3)}"
-            f" | {_fmt(m['heldout']['accuracy'], 100)} | {_fmt(m['heldout']['macro_f1'], 100)}"
-            f" | {_fmt(m['heldout']['ece'], digits=3)} | {m['all']['unmapped'] or ''}"
-            f" | {row.median_ms:.0f} |"
-        )
+        cells = [name, _fmt(row.temperature, digits=2)]
+        for split in splits:
+            m = row.metrics[split]
+            cells += [_fmt(m["accuracy"], 100), _fmt(m["macro_f1"], 100), _fmt(m["ece"], digits=3)]
+        cells += [str(row.metrics["all"]["unmapped"] or ""), f"{row.median_ms:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def served_latency(folder: Path, threads: int, calibrated: bool) -> list[float]:
+    """Seconds per example through ``LanguageModel.choose`` as the server runs it: a freshly loaded
+    model whose prefix cache and kept neutral scores fill up as the examples go by."""
+    model = LanguageModel.load(folder, execution_provider="cpu", intra_op_threads=threads)
+    seconds = []
+    for operation in _operations():
+        for example in operation.load_examples():
+            call = operation.prompt(msgspec.convert(dict(example.request), operation.request_type))
+            assert isinstance(call, Choose)
+            neutral = (
+                call.neutral
+                or operation.prompt(
+                    msgspec.convert({**example.request, "text": CONTENT_FREE}, operation.request_type)
+                ).messages
+            )
+            start = time.perf_counter()
+            prompt, answers = model.encode_choice(call.messages, call.options)
+            baseline = model.encode_choice(neutral, call.options) if calibrated else None
+            model.choose(prompt, answers, call.options, lambda: False, baseline)
+            seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 VARIANTS = ("sum", "mean", "sum-eot", "first", "sum+cc", "mean+cc", "sum-eot+cc", "first+cc", "generate")
@@ -247,6 +264,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write every example's raw scores here")
     parser.add_argument("--load", type=Path, help="tabulate the raw scores of an earlier --json instead of running")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the as-served timing (0: none)")
     args = parser.parse_args()
     if args.load:
         records = [Record(**r) for r in json.loads(args.load.read_text())]
@@ -264,6 +282,18 @@ def main() -> None:
         print(table(rows_for(subset, VARIANTS)))
     if any(math.isnan(x) for r in records for lp in r.per_token for x in lp):
         raise SystemExit("NaN in the scores")
+    timings: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.rounds):
+        for calibrated in (False, True):
+            timings[calibrated] += served_latency(args.model, args.threads, calibrated)
+    for calibrated, seconds in timings.items():
+        if seconds:
+            ms = sorted(s * 1000 for s in seconds)
+            print(
+                f"as served, {'calibrated (neutral scores kept)' if calibrated else 'plain'}: {len(ms)} requests,"
+                f" median {statistics.median(ms):.0f} ms, mean {statistics.fmean(ms):.0f} ms,"
+                f" p95 {ms[int(0.95 * (len(ms) - 1))]:.0f} ms"
+            )
 
 
 if __name__ == "__main__":

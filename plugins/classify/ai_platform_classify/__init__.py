@@ -58,7 +58,7 @@ def _messages(categories: list[str], text: str) -> list[Message]:
 
 def prompt(request: ClassifyRequest) -> Choose:
     # Calibrated against the same prompt without a text: on the demo model that took accuracy on the
-    # examples from 30% to 47% and ECE from 0.54 to 0.13 (docs/benchmarks.md, "Classification scoring").
+    # examples from 34% to 46% and ECE from 0.46 to 0.13 (docs/benchmarks.md, "Classification scoring").
     return Choose(
         messages=_messages(request.categories, request.text),
         options=request.categories,
