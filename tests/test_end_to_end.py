@@ -197,7 +197,8 @@ def expected_body(model: Any, operation: str, request: dict[str, object]) -> tup
     else:
         options = list(dict.fromkeys(call.options))
         prompt, answers = model.encode_choice(call.messages, options)
-        result = model.choose(prompt, answers, options, lambda: False)
+        baseline = model.encode_choice(call.neutral, options) if call.neutral else None
+        result = model.choose(prompt, answers, options, lambda: False, baseline)
     meta = ResponseMeta(
         operation=operation, model_used="-", input_chars=0, output_tokens=result.output_tokens,
         execution_time_ms=0.0, request_id=None, timestamp="-",
