@@ -155,6 +155,17 @@ def test_models_export_passes_the_threshold_and_strict_to_the_exporter(tmp_path:
     assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [".tiny-int8.lock"]
 
 
+def test_models_export_passes_builder_options_to_the_exporter(tmp_path: Path) -> None:
+    """The exporter, not the CLI, checks them: an option that needs the genai format is refused by it."""
+    command = [str(Path(sys.executable).parent / "ai-platform"), "models", "export", str(tmp_path), "x"]
+    command += ["--format", "optimum", "--models-dir", str(tmp_path / "models")]
+    command += ["--builder-option", "int4_block_size=32"]
+    environment = dict(os.environ, AI_PLATFORM_EXPORT_PYTHON=EXPORT_PYTHON)
+    result = subprocess.run(command, env=environment, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "--builder-option needs --format genai" in result.stderr
+
+
 def test_tiny_tokenizer_has_chatml_specials(tiny_model_dir: Path) -> None:
     tokenizer = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
     config = _json(tiny_model_dir, "tokenizer_config.json")

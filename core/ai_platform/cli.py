@@ -103,6 +103,8 @@ def cmd_models_export(args: argparse.Namespace) -> None:
             command += [option, value]
     if args.strict:
         command.append("--strict")
+    for option in args.builder_option:
+        command += ["--builder-option", option]
     env = {**os.environ, "PYTHONPATH": str(root / "core"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     sys.exit(subprocess.run(command, env=env).returncode)
 
@@ -260,6 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--max-kl", help="largest mean KL divergence from the fp32 source, nats (default: 0.1)")
     export.add_argument(
         "--strict", action="store_true", help="refuse an export below those (exit 1, nothing published); else warn"
+    )
+    export.add_argument(
+        "--builder-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="genai format: a quantization option of onnxruntime-genai's builder (repeatable; see docs/benchmarks.md)",
     )
     export.set_defaults(func=cmd_models_export)
 
