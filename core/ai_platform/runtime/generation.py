@@ -228,8 +228,19 @@ def score_options(
     should_stop: Callable[[], bool] = lambda: False,
     cache: PrefixCache | None = None,
 ) -> list[float]:
+    """All of :func:`option_log_likelihoods_steps` at once, checking ``should_stop`` before each pass."""
+    return run_steps(option_log_likelihoods_steps(model, prompt, options, cache=cache), should_stop)
+
+
+def option_log_likelihoods_steps(
+    model: OnnxDecoder,
+    prompt: Sequence[int],
+    options: Sequence[Sequence[int]],
+    *,
+    cache: PrefixCache | None = None,
+) -> Steps[list[float]]:
     """log P(option | prompt) for each option's token ids: the sum of :func:`option_log_probs_steps`."""
-    per_token = run_steps(option_log_probs_steps(model, prompt, options, cache=cache), should_stop)
+    per_token = yield from option_log_probs_steps(model, prompt, options, cache=cache)
     return [sum(log_probs) for log_probs in per_token]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ai_platform.errors import RequestValidationError
 from ai_platform.operations import Choice, Completion, Message
-from ai_platform.runtime.generation import Generated, Steps, option_log_probs_steps, run_steps
+from ai_platform.runtime.generation import Generated, Steps, option_log_likelihoods_steps, run_steps
 from ai_platform.runtime.manifest import verify_manifest
 from ai_platform.runtime.onnx_model import OnnxDecoder
 from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
@@ -182,12 +182,12 @@ class LanguageModel(PromptEncoder):
         included), minus, with a ``baseline`` (a neutral prompt and its answers, from
         :meth:`encode_choice`), its log-likelihood there; the probabilities are their softmax.
         """
-        scores = yield from self._log_likelihoods(prompt, answers)
+        scores = yield from option_log_likelihoods_steps(self.decoder, prompt, answers, cache=self.prefix_cache)
         if baseline is not None:
             key = (tuple(baseline[0]), tuple(tuple(answer) for answer in baseline[1]))
             prior = self._baselines.get(key)
             if prior is None:
-                prior = yield from self._log_likelihoods(*baseline)
+                prior = yield from option_log_likelihoods_steps(self.decoder, *baseline, cache=self.prefix_cache)
                 if len(self._baselines) >= BASELINES_KEPT:
                     del self._baselines[next(iter(self._baselines))]
                 self._baselines[key] = prior
@@ -198,10 +198,6 @@ class LanguageModel(PromptEncoder):
             scores=dict(zip(options, probabilities, strict=True)),
             output_tokens=len(answers[best]),
         )
-
-    def _log_likelihoods(self, prompt: list[int], answers: list[list[int]]) -> Steps[list[float]]:
-        per_token = yield from option_log_probs_steps(self.decoder, prompt, answers, cache=self.prefix_cache)
-        return [sum(log_probs) for log_probs in per_token]
 
 
 def option_probabilities(scores: Sequence[float]) -> list[float]:
