@@ -22,6 +22,9 @@ import msgspec
 Req = TypeVar("Req", bound=msgspec.Struct)
 Resp = TypeVar("Resp", bound=msgspec.Struct)
 
+# Why a generation ended: "stop" (end of sequence, or a stop string) or "length" (token or context limit).
+FinishReason = Literal["stop", "length"]
+
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 RequestId = Annotated[
@@ -127,7 +130,7 @@ class Completion:
 
     text: str
     output_tokens: int
-    finish_reason: str  # "stop" (end of sequence) or "length" (token limit)
+    finish_reason: FinishReason
 
 
 @dataclass(frozen=True, kw_only=True)

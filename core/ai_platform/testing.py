@@ -77,7 +77,7 @@ class FakeEngine:
         self.started = False
 
     def status(self) -> list[Any]:
-        from ai_platform.runtime.engine import ModelStatus  # onnxruntime: only when a test asks
+        from ai_platform.engine_contract import ModelStatus  # onnxruntime: only when a test asks
 
         return [
             ModelStatus(

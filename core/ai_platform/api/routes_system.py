@@ -38,7 +38,7 @@ from ai_platform.usage.database import database_status
 from ai_platform.usage.limit_service import LimitInfo, LimitService
 
 if TYPE_CHECKING:
-    from ai_platform.runtime.engine import ModelStatus
+    from ai_platform.engine_contract import ModelStatus
 
 MB = 1024 * 1024
 

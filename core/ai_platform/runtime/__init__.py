@@ -5,6 +5,7 @@ below it (sessions, tokenizer, chat template, generation loop) is private to
 this package.
 """
 
-from ai_platform.runtime.engine import InferenceEngine, ModelStatus
+from ai_platform.engine_contract import ModelStatus
+from ai_platform.runtime.engine import InferenceEngine
 
 __all__ = ["InferenceEngine", "ModelStatus"]

@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ai_platform.engine_contract import ModelStatus
 from ai_platform.errors import ConfigurationError, ModelUnavailableError
 from ai_platform.operations import Choice, Choose, Completion, Generate
 from ai_platform.runtime.generation import Sampling
@@ -21,20 +22,6 @@ from ai_platform.settings import Settings
 MODEL_ISOLATIONS = ("process", "thread")
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    """Load state of one operation's model."""
-
-    operation: str
-    model: str  # folder name from the operation → model map
-    path: str  # models_dir / folder as configured (not symlink-resolved)
-    loaded: bool
-    provider: str | None  # execution provider the session actually uses
-    error: str | None  # why it is not loaded
-    queue_depth: int = 0  # requests waiting or running on this model (shared by its operations)
-    reused_prompt_tokens: int = 0  # prompt positions taken from the model's prefix cache instead of computed
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from ai_platform.operations import FinishReason
 from ai_platform.runtime.onnx_model import OnnxDecoder
 from ai_platform.runtime.prefix_cache import PrefixCache
 
@@ -32,7 +33,7 @@ class Generated:
     """New token ids (without the eos token) and why generation ended."""
 
     tokens: list[int]
-    finish_reason: str  # "stop" (eos produced) or "length" (token or context limit)
+    finish_reason: FinishReason
 
 
 # Nucleus sampling sorts only the most likely tokens when they hold top_p of the mass (they
