@@ -100,7 +100,7 @@ def test_prefix_install_is_complete_idempotent_and_accepted_by_systemd_and_nginx
     # The installed server: its own venv, every plugin loaded.
     plugins = subprocess.run([str(app / "venv" / "bin" / "ai-platform"), "plugins"], cwd=app, capture_output=True,
                              text=True, check=True)  # fmt: skip
-    rows = sorted(line.split()[:3] for line in plugins.stdout.splitlines()[1:])
+    rows = sorted(line.split()[:3] for line in plugins.stdout.splitlines()[2:])
     assert rows == [[name, "0.1.0", "loaded"] for name in ("classify", "summarize", "translate")], plugins.stdout
 
     # The unit and the nginx site as installed, read by the real programs.
