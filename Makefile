@@ -64,11 +64,14 @@ test: install
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "not demo_model and not slow"
 
+# Style, types (the core and every plugin, without type-ignores for Operation) and the layers
+# (pyproject.toml's [tool.importlinter] contracts). CI runs it before `make test`.
 lint: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/ruff check core plugins tests
-	$(BIN)/ruff format --check core plugins tests
+	$(BIN)/ruff check core plugins examples tests bench
+	$(BIN)/ruff format --check core plugins examples tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

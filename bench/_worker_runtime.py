@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ai_platform.runtime.kv_batch import new_batch
 from ai_platform.runtime.model import LanguageModel
-from ai_platform.runtime.scheduler import ContinuousBatch, SequenceRequest
+from ai_platform.runtime.model_runner import ModelRunner
+from ai_platform.runtime.scheduler import Scheduler, SequenceRequest
 
 
 def main(new_tokens: int, runs: int, threads: int, folder: str, prompt_file: str) -> None:
@@ -20,7 +21,7 @@ def main(new_tokens: int, runs: int, threads: int, folder: str, prompt_file: str
     ids = json.loads(Path(prompt_file).read_text())
     results = []
     for run in range(runs + 1):  # the first run warms caches and allocators up
-        batch = ContinuousBatch(new_batch(model.decoder), max_batch=1)
+        batch = Scheduler(ModelRunner(new_batch(model.decoder)), max_batch=1)
         request = SequenceRequest(ids, new_tokens + 1, (), lambda result, error: None)
         t0 = time.perf_counter()
         batch.admit(request)

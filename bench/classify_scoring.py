@@ -29,6 +29,7 @@ import json
 import math
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,14 +40,18 @@ import msgspec
 
 from ai_platform.evaluation.metrics import classification, fit_temperature
 from ai_platform.operations import Choose, Operation
-from ai_platform.runtime.generation import greedy_generate, option_log_probs_steps, run_steps
+from ai_platform.runtime.generation import option_log_probs_steps, run_steps
 from ai_platform.runtime.model import LanguageModel, option_probabilities
+
+# The unbatched greedy decoder the runtime's tests check against (test-only code, not the server's).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from runtime_reference import greedy_generate
 
 CONTENT_FREE = "N/A"
 GENERATE_TOKENS = 16
 
 
-def _operations() -> list[Operation]:  # type: ignore[type-arg]
+def _operations() -> list[Operation]:
     from ai_platform_classify import OPERATION
 
     operations = [OPERATION]

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 from ai_platform.operations import Message
+from ai_platform.runtime.engine_loop import EngineLoop
 from ai_platform.runtime.kv_batch import new_batch
 from ai_platform.runtime.model import LanguageModel
-from ai_platform.runtime.scheduler import ContinuousBatch
-from ai_platform.runtime.worker import ModelWorker
+from ai_platform.runtime.model_runner import ModelRunner
+from ai_platform.runtime.scheduler import Scheduler
 
 LABELS = ["billing", "technical support", "sales", "general inquiry"]
 
@@ -29,7 +30,7 @@ LABELS = ["billing", "technical support", "sales", "general inquiry"]
 async def measure(
     model: LanguageModel, prompt: list[int], answers: list[list[int]], sliced: bool
 ) -> tuple[float, float]:
-    worker = ModelWorker("bench", 8, ContinuousBatch(new_batch(model.decoder), 8))
+    worker = EngineLoop("bench", 8, Scheduler(ModelRunner(new_batch(model.decoder)), 8))
     short = model.encode_prompt([Message("user", "Summarize in one sentence: the council approved the budget.")])
     job = (
         model.choose_steps(prompt, answers, LABELS)

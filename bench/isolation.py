@@ -24,7 +24,7 @@ import psutil
 from concurrency import TEXTS
 
 from ai_platform.operations import Choose, Generate, Message
-from ai_platform.runtime import InferenceEngine
+from ai_platform.runtime.engine import InferenceEngine
 
 LABELS = ["politics", "business", "culture", "technology"]
 

@@ -23,12 +23,13 @@ import numpy as np
 from ai_platform.runtime import generation
 from ai_platform.runtime.kv_batch import new_batch
 from ai_platform.runtime.model import LanguageModel
-from ai_platform.runtime.scheduler import ContinuousBatch, SequenceRequest
+from ai_platform.runtime.model_runner import ModelRunner
+from ai_platform.runtime.scheduler import Scheduler, SequenceRequest
 
 
 def measure(model: LanguageModel, long: int, rng: np.random.Generator) -> tuple[float, float]:
     """(longest gap between the decoding sequence's tokens, the long prompt's time to first token), seconds."""
-    batch = ContinuousBatch(new_batch(model.decoder), max_batch=8)
+    batch = Scheduler(ModelRunner(new_batch(model.decoder)), max_batch=8)
     decoding = SequenceRequest(rng.integers(100, 9000, 60).tolist(), 10_000, (), lambda result, error: None)
     batch.admit(decoding)
     while len(decoding.tokens) < 5:

@@ -49,7 +49,6 @@ from typing import Any
 
 import httpx
 import psutil
-
 from _server import ROOT, start_server
 
 DEMO_MODEL = ROOT / "models" / "smollm2-135m-instruct"

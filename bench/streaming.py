@@ -28,7 +28,7 @@ import httpx
 from _server import KEY, bench_env, start_server
 
 from ai_platform.operations import Generate
-from ai_platform.runtime import InferenceEngine
+from ai_platform.runtime.engine import InferenceEngine
 from ai_platform_translate import TranslateRequest, prompt
 
 TEXTS = [

@@ -10,6 +10,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -414,8 +415,8 @@ class AskResponse(msgspec.Struct, kw_only=True):
     meta: ResponseMeta
 
 
-async def test_whitespace_only_input_is_refused_for_any_operation(env: dict[str, str]) -> None:
-    """The core refuses it for every operation, whichever field ``Operation.input_text`` names (issue 11 #3)."""
+def _ask_plugins() -> Any:
+    """A plugin whose operation ``ask`` reads its input from ``question``, not ``text``."""
     import types
 
     from ai_platform import Completion, Generate, Limits, Message, Operation, hookimpl
@@ -436,10 +437,14 @@ async def test_whitespace_only_input_is_refused_for_any_operation(env: dict[str,
     )
     module = types.ModuleType("ask")
     module.register_operations = hookimpl(lambda: [ask])  # type: ignore[attr-defined]
-    plugins = load_plugins(extra_plugins=[("ask", module)], use_entry_points=False)
+    return load_plugins(extra_plugins=[("ask", module)], use_entry_points=False)
+
+
+async def test_whitespace_only_input_is_refused_for_any_operation(env: dict[str, str]) -> None:
+    """The core refuses it for every operation, whichever field ``Operation.input_text`` names (issue 11 #3)."""
     engine = FakeEngine()
     settings = Settings.from_mapping({**env, "DEFAULT_MODEL": "fake"})
-    async with AsyncTestClient(create_app(settings, plugins=plugins, engine=engine)) as client:
+    async with AsyncTestClient(create_app(settings, plugins=_ask_plugins(), engine=engine)) as client:
         r = await client.post("/operations/ask", json={"question": " \n ", "context": "Some context."}, headers=KEY)
         assert r.status_code == 422
         assert r.json() == {
@@ -451,3 +456,37 @@ async def test_whitespace_only_input_is_refused_for_any_operation(env: dict[str,
         assert r.status_code == 200
         usage = (await client.get("/limits/usage", headers=KEY)).json()["usage"]
         assert [(u["operation"], u["request_count"]) for u in usage] == [("ask", 1)]
+
+
+class _CannotCount(FakeEngine):
+    """An engine whose ``check`` cannot count: a prompt too long is refused by the model, after admission."""
+
+    async def check(self, operation: str, call: Any) -> int | None:
+        return None
+
+
+@pytest.mark.parametrize("engine_type", [FakeEngine, _CannotCount])
+async def test_a_prompt_too_long_names_the_operations_input_field(
+    env: dict[str, str], engine_type: type[FakeEngine]
+) -> None:
+    """The engine's "too long" 422 points at the field ``input_text`` read (``question``), whether
+    its ``check`` refuses the prompt before admission or the model does after it."""
+    engine = engine_type(max_prompt_chars=30)
+    settings = Settings.from_mapping({**env, "DEFAULT_MODEL": "fake"})
+    async with AsyncTestClient(create_app(settings, plugins=_ask_plugins(), engine=engine)) as client:
+        r = await client.post("/operations/ask", json={"question": "Why? " * 10}, headers=KEY)
+        assert r.status_code == 422
+        assert r.json() == {
+            "error": "Request validation failed.",
+            "detail": [
+                {
+                    "type": "string_too_long",
+                    "loc": ["body", "question"],
+                    "msg": "Input is too long for the model's context window (51 characters; at most 30).",
+                    "input": None,
+                }
+            ],
+        }
+        assert len(engine.calls) == (0 if engine_type is FakeEngine else 1)
+        usage = (await client.get("/limits/usage", headers=KEY)).json()["usage"]
+        assert [(u["operation"], u["request_count"]) for u in usage] == [("ask", 0)]

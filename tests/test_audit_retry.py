@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from ai_platform.app import create_app
+from ai_platform.app import PlatformPlugin, create_app
 from ai_platform.settings import Settings
 from ai_platform.testing import FakeEngine
-from ai_platform.usage import audit, database
+from ai_platform.usage import audit
 from ai_platform.usage.audit import AuditEntry, AuditTrail
+from ai_platform.usage.database import Database
 from ai_platform.usage.models import AuditRecord
 from support import ADMIN, KEY, SEED_MODELS
 
@@ -23,14 +24,15 @@ pytestmark = pytest.mark.anyio
 
 
 class RefusingWrites:
-    """The audit trail's runner: refuses every transaction while ``refusing`` (a read-only SQLite file)."""
+    """The database's runner: refuses every transaction while ``refusing`` (a read-only SQLite file)."""
 
-    def __init__(self) -> None:
+    def __init__(self, database: Database) -> None:
         self.refusing = True
         self.attempts = 0
+        self.transactions = database.transactions  # the real one
 
     def __call__(self) -> Any:
-        real = database.transactions()
+        real = self.transactions()
         outer = self
 
         class Runner:
@@ -61,11 +63,11 @@ async def wait_for(condition: Any, seconds: float = 15) -> None:
 async def test_refused_rows_are_retried_and_health_says_writes_fail(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    refusing = RefusingWrites()
-    monkeypatch.setattr(audit, "transactions", refusing)
-    async with AsyncTestClient(
-        create_app(Settings.from_mapping(env), engine=FakeEngine(models=dict(SEED_MODELS)))
-    ) as client:
+    app = create_app(Settings.from_mapping(env), engine=FakeEngine(models=dict(SEED_MODELS)))
+    database = app.plugins.get(PlatformPlugin).database
+    refusing = RefusingWrites(database)
+    monkeypatch.setattr(database, "transactions", refusing)
+    async with AsyncTestClient(app) as client:
         for _ in range(5):
             assert (await client.get("/limits", headers=KEY)).status_code == 200
 
@@ -93,11 +95,12 @@ async def test_refused_rows_are_retried_and_health_says_writes_fail(
 async def test_the_backlog_is_bounded_and_a_flush_gives_up_in_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    refusing = RefusingWrites()
-    monkeypatch.setattr(audit, "transactions", refusing)
+    database = Database(f"sqlite://{tmp_path}/audit.sqlite3")
+    refusing = RefusingWrites(database)
+    monkeypatch.setattr(database, "transactions", refusing)
     monkeypatch.setattr(audit, "MAX_BACKLOG", 10)
-    async with database.database(f"sqlite://{tmp_path}/audit.sqlite3"):
-        trail = AuditTrail(flush_seconds=0.01)
+    async with database.opened():
+        trail = AuditTrail(database, flush_seconds=0.01)
         entry = AuditEntry(datetime.now(UTC), None, "GET", "/health", None, None, 200, 1.0, 0)
         for _ in range(25):
             trail.record(entry)

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
+from ai_platform.limits.service import LimitService
 from ai_platform.operations import Operation
 from ai_platform.services.orchestration import OrchestrationService
 from ai_platform.testing import FakeEngine
 from ai_platform.usage import statements
-from ai_platform.usage.database import database, transactions
-from ai_platform.usage.limit_service import LimitService
+from ai_platform.usage.database import Database
 from ai_platform.usage.models import DailyUsage, KeyDailyUsage
 from ai_platform.usage.models import Reservation as ReservationRow
 from support import SUMMARIZE
@@ -32,10 +32,10 @@ pytestmark = pytest.mark.anyio
 
 
 class Hooks:
-    def build_model_call(self, operation: Operation, request: Any) -> Any:  # type: ignore[type-arg]
+    def build_model_call(self, operation: Operation, request: Any) -> Any:
         return operation.prompt(request)
 
-    def build_response(self, operation: Operation, request: Any, result: Any, meta: Any) -> Any:  # type: ignore[type-arg]
+    def build_response(self, operation: Operation, request: Any, result: Any, meta: Any) -> Any:
         return operation.respond(request, result, meta)
 
 
@@ -56,6 +56,7 @@ class HeldDatabase:
     so transactions submitted meanwhile wait in its queue (they have not started).
     """
 
+    usage: Database
     held: str | None = None
     started: threading.Event = field(default_factory=threading.Event)
     go_on: threading.Event = field(default_factory=threading.Event)
@@ -70,7 +71,7 @@ class HeldDatabase:
     def busy(self) -> threading.Event:
         """Take the thread until the returned event is set."""
         free = threading.Event()
-        runner = transactions()
+        runner = self.usage.transactions()
         assert isinstance(runner, statements.SqliteRunner)
         runner._thread.submit(free.wait, 30)
         return free
@@ -98,7 +99,7 @@ class Setup:
     orchestration: OrchestrationService
     engine: FakeEngine
     db: HeldDatabase
-    operation: Operation  # type: ignore[type-arg]
+    operation: Operation
     request: Any
 
     def start(self) -> asyncio.Task[Any]:
@@ -122,13 +123,13 @@ async def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
 
     from ai_platform_summarize import OPERATION, SummarizeRequest
 
-    db = HeldDatabase()
+    db = HeldDatabase(Database(f"sqlite://{tmp_path / 'usage.sqlite3'}"))
     db.install(monkeypatch)
     engine = FakeEngine(delay=0.3)
-    limits = LimitService({"summarize": OPERATION}, default_daily_limit=10)
+    limits = LimitService(db.usage, {"summarize": OPERATION}, default_daily_limit=10)
     orchestration = OrchestrationService({"summarize": OPERATION}, engine, limits, hooks=Hooks())
     request = msgspec.convert(SUMMARIZE, SummarizeRequest)
-    async with database(f"sqlite://{tmp_path / 'usage.sqlite3'}"):
+    async with db.usage.opened():
         yield Setup(orchestration, engine, db, OPERATION, request)
 
 

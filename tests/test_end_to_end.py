@@ -182,7 +182,7 @@ def demo_reference(demo_model_dir: Path) -> Any:
 
 def expected_body(model: Any, operation: str, request: dict[str, object]) -> tuple[dict[str, Any], Completion | Choice]:
     """The response (without ``meta``) the operation gives for one unbatched greedy decode, computed here."""
-    from ai_platform.runtime.generation import greedy_generate
+    from runtime_reference import greedy_generate
 
     plugins = load_plugins(enabled=list(REQUESTS))
     spec = plugins.operations[operation]

@@ -20,9 +20,9 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from ai_platform.runtime.generation import greedy_generate
 from ai_platform.runtime.manifest import verify_manifest
 from ai_platform.runtime.model import LanguageModel
+from runtime_reference import greedy_generate
 from support import EXPORT_PYTHON, ROOT, genai_args
 
 REQUIRED_FILES = (

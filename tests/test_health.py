@@ -66,9 +66,13 @@ async def test_public_health_shows_only_what_the_seed_shows(troubled_app: object
         assert secret not in r.text, r.text
 
 
-async def test_admin_health_shows_the_details(troubled_app: object) -> None:
+@pytest.mark.parametrize("header", ["x-api-key", "bearer"])
+async def test_admin_health_shows_the_details(troubled_app: object, header: str) -> None:
+    # An admin key counts in either header the API accepts (issue 13: Bearer everywhere).
+    key = ADMIN["X-API-Key"]
+    headers = ADMIN if header == "x-api-key" else {"Authorization": f"Bearer {key}"}
     async with AsyncTestClient(troubled_app) as client:  # type: ignore[arg-type]
-        r = await client.get("/health", headers=ADMIN)
+        r = await client.get("/health", headers=headers)
     assert r.status_code == 200
     body = r.json()
     assert set(body) == ADMIN_FIELDS, body

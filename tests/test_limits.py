@@ -13,11 +13,11 @@ from litestar.testing import AsyncTestClient
 
 from ai_platform.app import create_app
 from ai_platform.errors import LimitExceededError
+from ai_platform.limits.service import LimitService
 from ai_platform.settings import Settings
 from ai_platform.testing import FakeEngine
 from ai_platform.usage.audit import AuditEntry, AuditTrail
-from ai_platform.usage.database import database
-from ai_platform.usage.limit_service import LimitService
+from ai_platform.usage.database import Database
 from ai_platform.usage.models import AuditRecord
 from support import ADMIN, ADMIN_KEY, CLIENT_KEY, KEY, SEED_MODELS, SUMMARIZE
 from test_disconnect import SlowForward, live_server, queue_depth, reservations, tiny_seed_env, until_depth
@@ -136,16 +136,27 @@ async def test_an_unloaded_model_is_refused_before_admission(
         assert await counts(client) == ZEROS
 
 
-async def test_engines_without_check_are_still_served(env: dict[str, str]) -> None:
-    """``Engine.check`` is optional: an engine without it is asked nothing before admission."""
+async def test_engines_that_cannot_count_are_still_served(env: dict[str, str]) -> None:
+    """``Engine.check`` may return ``None`` (it cannot count the prompt's tokens): the request is
+    served, no token limit applies, and a prompt that does not fit is refused by the model itself,
+    after admission, with the same 422 naming the request's field, and given its place back."""
 
-    class NoCheck(FakeEngine):
-        check = None  # type: ignore[assignment]
+    class CannotCount(FakeEngine):
+        async def check(self, operation: str, call: Any) -> int | None:
+            self.checks.append((operation, call))
+            return None
 
-    engine = NoCheck(models=dict(SEED_MODELS))
+    engine = CannotCount(models=dict(SEED_MODELS), max_prompt_chars=1000)
     async with AsyncTestClient(create_app(Settings.from_mapping(env), engine=engine)) as client:
         assert (await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)).status_code == 200
+        r = await client.post("/operations/summarize", json=OVER_LONG, headers=KEY)
+        assert r.status_code == 422
+        [entry] = r.json()["detail"]
+        assert (entry["type"], entry["loc"]) == ("string_too_long", ["body", "text"])
+        assert entry["msg"].startswith("Input is too long for the model's context window")
+        assert len(engine.checks) == 2 and len(engine.calls) == 2  # both reached the model
         assert await counts(client) == {**ZEROS, "summarize": 1}
+        assert reservations(env) == 0
 
 
 class FailsOnRequest(FakeEngine):
@@ -218,8 +229,9 @@ async def test_reservations_settle_exactly_once_and_days_reset(tmp_path: object)
     from ai_platform_summarize import OPERATION
 
     clock = _Clock()
-    service = LimitService({"summarize": OPERATION}, default_daily_limit=2, clock=clock)
-    async with database(f"sqlite://{tmp_path}/limits.sqlite3"):
+    db = Database(f"sqlite://{tmp_path}/limits.sqlite3")
+    service = LimitService(db, {"summarize": OPERATION}, default_daily_limit=2, clock=clock)
+    async with db.opened():
         first = await service.admit("summarize", "k1")
         second = await service.admit("summarize", "k1")
         with pytest.raises(LimitExceededError):
@@ -283,9 +295,10 @@ def test_sqlite_connection_defaults_and_overrides() -> None:
 
 
 async def test_audit_rows_are_written_in_batches_and_flushed(tmp_path: Path) -> None:
-    trail = AuditTrail(flush_seconds=60, max_pending=100)
+    db = Database(f"sqlite://{tmp_path}/audit.sqlite3")
+    trail = AuditTrail(db, flush_seconds=60, max_pending=100)
     entry = AuditEntry(datetime.now(UTC), "r", "POST", "/operations/summarize", "summarize", "k", 200, 1.5, 3)
-    async with database(f"sqlite://{tmp_path}/audit.sqlite3"):
+    async with db.opened():
         for _ in range(100):
             trail.record(entry)  # the 100th starts a write without waiting for the timer
         async with asyncio.timeout(10):
@@ -303,12 +316,13 @@ async def test_audit_rows_are_written_in_batches_and_flushed(tmp_path: Path) -> 
 @pytest.mark.parametrize(("retention_days", "kept"), [(90, {"recent", "new"}), (0, {"old", "recent", "new"})])
 async def test_audit_rows_past_the_retention_are_deleted(tmp_path: Path, retention_days: int, kept: set[str]) -> None:
     now = datetime.now(UTC)
-    async with database(f"sqlite://{tmp_path}/audit.sqlite3"):
+    db = Database(f"sqlite://{tmp_path}/audit.sqlite3")
+    async with db.opened():
         for request_id, age in (("old", timedelta(days=91)), ("recent", timedelta(days=89))):
             await AuditRecord.create(
                 timestamp=now - age, request_id=request_id, method="GET", path="/health", status=200, duration_ms=1
             )
-        trail = AuditTrail(retention_days=retention_days)
+        trail = AuditTrail(db, retention_days=retention_days)
         trail.record(AuditEntry(now, "new", "GET", "/health", None, None, 200, 1.0, 0))
         await trail.flush()
         assert set(await AuditRecord.all().values_list("request_id", flat=True)) == kept

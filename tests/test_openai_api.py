@@ -24,10 +24,10 @@ import pytest
 from ai_platform import chat
 from ai_platform.app import create_app
 from ai_platform.operations import Message
-from ai_platform.runtime.generation import greedy_generate
 from ai_platform.runtime.model import LanguageModel
 from ai_platform.settings import Settings
 from ai_platform.testing import CLIENT_KEY, FakeEngine, platform_env
+from runtime_reference import greedy_generate
 from support import ADMIN, KEY
 from test_disconnect import live_server, reservations
 

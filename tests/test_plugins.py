@@ -211,6 +211,30 @@ def test_operation_spec_checks_its_response_has_meta() -> None:
         dataclasses.replace(renamed("x"), response_type=NoMeta).validate()  # type: ignore[type-var]
 
 
+def test_only_an_operation_that_chooses_may_leave_out_max_output_tokens() -> None:
+    from ai_platform_classify import OPERATION as CLASSIFY
+
+    no_cap = Limits(max_input_chars=100)
+    dataclasses.replace(CLASSIFY, limits=no_cap).validate()  # prompt -> Choose: no output to cap
+    with pytest.raises(ValueError, match="limit max_output_tokens is required unless prompt is annotated"):
+        dataclasses.replace(renamed("generates"), limits=no_cap).validate()  # prompt -> Generate
+
+    def not_said(request: Any) -> Any:  # returns a Choose, but may generate for all the core knows
+        return CLASSIFY.prompt(request)
+
+    for prompt in (not_said, lambda request: CLASSIFY.prompt(request)):
+        with pytest.raises(ValueError, match="max_output_tokens is required"):
+            dataclasses.replace(CLASSIFY, limits=no_cap, prompt=prompt).validate()
+
+
+def test_plugin_authors_find_what_they_raise_in_the_public_api() -> None:
+    import ai_platform
+    from ai_platform import errors
+
+    assert ai_platform.RequestValidationError is errors.RequestValidationError
+    assert "RequestValidationError" in ai_platform.__all__
+
+
 def test_cli_lists_plugins(env: dict[str, str], tmp_path: Path) -> None:
     cli = Path(sys.executable).parent / "ai-platform"
     result = subprocess.run(

@@ -38,7 +38,7 @@ class PickResponse(msgspec.Struct, kw_only=True):
     meta: ResponseMeta
 
 
-def pick(respond_label: str | None = None, examples: tuple[Example, ...] | None = None) -> Operation:  # type: ignore[type-arg]
+def pick(respond_label: str | None = None, examples: tuple[Example, ...] | None = None) -> Operation:
     """A Choose operation whose respond may answer a label that was not among the options."""
     return Operation(
         name="pick",

@@ -22,11 +22,11 @@ from tortoise.exceptions import BaseORMException
 
 from ai_platform.app import create_app
 from ai_platform.errors import DatabaseUnavailableError
+from ai_platform.limits.service import LimitService
 from ai_platform.settings import Settings
 from ai_platform.testing import FakeEngine
 from ai_platform.usage import statements
-from ai_platform.usage.database import database, transactions
-from ai_platform.usage.limit_service import LimitService
+from ai_platform.usage.database import Database
 from ai_platform.usage.models import DailyUsage, KeyDailyUsage
 from ai_platform.usage.models import Reservation as ReservationRow
 from support import KEY, SEED_MODELS, SUMMARIZE
@@ -49,11 +49,15 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def service(clock: Clock) -> LimitService:
+def limit_service(database: Database, clock: Clock) -> LimitService:
     from ai_platform_summarize import OPERATION
 
-    return LimitService({"summarize": OPERATION}, default_daily_limit=5, clock=clock, lease_seconds=LEASE)
+    return LimitService(database, {"summarize": OPERATION}, default_daily_limit=5, clock=clock, lease_seconds=LEASE)
+
+
+@pytest.fixture
+def service(clock: Clock, db_file: Path) -> LimitService:
+    return limit_service(Database(f"sqlite://{db_file}"), clock)
 
 
 @pytest.fixture
@@ -100,12 +104,13 @@ async def counts(day: date) -> tuple[int, int, int]:
 
 
 async def test_release_while_the_database_is_down_never_raises_and_the_sweep_gives_the_place_back(
-    service: LimitService, clock: Clock, db_file: Path, caplog: pytest.LogCaptureFixture
+    clock: Clock, db_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with database(f"sqlite://{db_file}?busy_timeout=50"):
+    service = limit_service(Database(f"sqlite://{db_file}?busy_timeout=50"), clock)
+    async with service.database.opened():
         reservation = await service.admit("summarize", "k1")
         day = reservation.day
-        with write_lock(db_file), caplog.at_level(logging.WARNING, logger="ai_platform.usage.limit_service"):
+        with write_lock(db_file), caplog.at_level(logging.WARNING, logger="ai_platform.limits.service"):
             await service.release(reservation)  # must not raise: the request's own error is what matters
         assert f"could not release reservation {reservation.id} now; the sweep will" in caplog.text
         assert await counts(day) == (1, 1, 1)  # nothing was given back yet, nothing half-done
@@ -170,8 +175,9 @@ def _insert(day: date) -> statements.Transaction[None]:
 @pytest.mark.parametrize("where", ["file", "memory"])  # SqliteRunner (files) and TortoiseRunner (the others)
 async def test_a_failing_statement_rolls_back_its_whole_transaction(where: str, db_file: Path) -> None:
     day = date(2026, 3, 1)
-    async with database(f"sqlite://{db_file}" if where == "file" else "sqlite://:memory:"):
-        runner = transactions()
+    database = Database(f"sqlite://{db_file}" if where == "file" else "sqlite://:memory:")
+    async with database.opened():
+        runner = database.transactions()
         expected = statements.SqliteRunner if where == "file" else statements.TortoiseRunner
         assert isinstance(runner, expected)
         with pytest.raises((sqlite3.Error, BaseORMException), match="no such table"):
@@ -185,7 +191,7 @@ async def test_a_failing_statement_rolls_back_its_whole_transaction(where: str, 
 async def test_admission_whose_reservation_cannot_be_written_takes_no_place(
     service: LimitService, clock: Clock, db_file: Path
 ) -> None:
-    async with database(f"sqlite://{db_file}"):
+    async with service.database.opened():
         day = clock.now.date()
         with failing(db_file, "reservation", "INSERT"), pytest.raises(DatabaseUnavailableError):
             await service.admit("summarize", "k1")
@@ -199,7 +205,7 @@ async def test_admission_whose_reservation_cannot_be_written_takes_no_place(
 async def test_a_commit_that_fails_midway_keeps_the_reservation_to_settle_once(
     service: LimitService, clock: Clock, db_file: Path
 ) -> None:
-    async with database(f"sqlite://{db_file}"):
+    async with service.database.opened():
         day = clock.now.date()
         reservation = await service.admit("summarize", "k1")
         # The reservation's DELETE runs, then the key's counter UPDATE fails: the DELETE must be undone.

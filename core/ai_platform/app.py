@@ -1,8 +1,8 @@
 """The composition root: ``create_app(settings)`` wires every layer together.
 
-API (``api/``) → application (``services/operation_service.py``) →
-orchestration (``services/orchestration.py``) → runtime (``runtime/``) and
-usage (``usage/``). Nothing is built at import time.
+API (``api/``) → orchestration (``services/orchestration.py``) → the engine
+(``engine_contract.py``, implemented by ``runtime/``) and the limits. Nothing is
+built at import time.
 """
 
 from __future__ import annotations
@@ -27,19 +27,18 @@ from ai_platform.api.openapi_responses import TRANSPORT_ERRORS
 from ai_platform.api.routes_metrics import metrics_route
 from ai_platform.api.routes_operations import operation_route, unknown_operation_route
 from ai_platform.api.routes_plugins import introspection_routes
-from ai_platform.api.routes_quotas import quota_routes
-from ai_platform.api.routes_system import health_route, limit_routes
+from ai_platform.api.routes_system import health_route
 from ai_platform.api.validation import validate_body
+from ai_platform.engine_contract import Engine
+from ai_platform.limits.routes import limit_routes, quota_routes
+from ai_platform.limits.service import LimitService
 from ai_platform.logging_config import logging_config
 from ai_platform.metrics import PlatformMetrics
 from ai_platform.plugins import LoadedPlugins, load_configured_plugins
-from ai_platform.services.operation_service import OperationService
-from ai_platform.services.orchestration import Engine, OrchestrationService
+from ai_platform.services.orchestration import OrchestrationService
 from ai_platform.settings import Settings
 from ai_platform.usage.audit import AuditTrail
-from ai_platform.usage.database import database_in_background
-from ai_platform.usage.database import is_open as database_is_open
-from ai_platform.usage.limit_service import LimitService
+from ai_platform.usage.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,10 @@ class PlatformPlugin(InitPluginProtocol):
         self.settings = settings
         self.plugins = plugins
         self.engine = engine
+        # The usage database: opened in the lifespan, shared by the limits, the audit trail and /health.
+        self.database = Database(settings.database_url)
         self.limits = LimitService(
+            self.database,
             plugins.operations,
             default_daily_limit=settings.default_daily_limit,
             timezone=settings.limit_zone,
@@ -63,16 +65,14 @@ class PlatformPlugin(InitPluginProtocol):
             lease_seconds=settings.request_timeout_seconds + 60,
         )
         self.metrics = PlatformMetrics(engine, plugins.operations)
-        self.audit = AuditTrail(retention_days=settings.audit_retention_days)
+        self.audit = AuditTrail(self.database, retention_days=settings.audit_retention_days)
         self.keyring = KeyRing(settings.valid_api_keys, settings.admin_api_keys, settings.secret_key)
-        self.service = OperationService(
-            OrchestrationService(
-                plugins.operations,
-                engine,
-                self.limits,
-                timeout_seconds=settings.request_timeout_seconds,
-                hooks=plugins,
-            )
+        self.service = OrchestrationService(
+            plugins.operations,
+            engine,
+            self.limits,
+            timeout_seconds=settings.request_timeout_seconds,
+            hooks=plugins,
         )
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
@@ -88,7 +88,7 @@ class PlatformPlugin(InitPluginProtocol):
         app_config.route_handlers.append(unknown_operation_route(self.service))
         app_config.route_handlers.extend(limit_routes(self.limits))
         app_config.route_handlers.extend(quota_routes(self.limits, self.keyring))
-        app_config.route_handlers.append(health_route(self.engine, self.plugins))
+        app_config.route_handlers.append(health_route(self.engine, self.plugins, self.database, self.keyring))
         app_config.route_handlers.extend(introspection_routes(self.plugins, self.engine, self.limits))
         app_config.route_handlers.append(metrics_route(self.metrics, self.settings.metrics_access))
         if self.settings.openai_api and chat.NAME in self.plugins.operations:
@@ -113,7 +113,7 @@ class PlatformPlugin(InitPluginProtocol):
         async def lifespan(_: Litestar) -> AsyncIterator[None]:
             # The server starts even when the database is down: it keeps trying in the background,
             # operations answer 503 meanwhile and /health says why (usage/database.py).
-            async with database_in_background(self.settings.database_url, on_open=self.limits.recover):
+            async with self.database.open_in_background(on_open=self.limits.recover):
                 try:
                     await self.engine.start()
                     log.info("%s serving operations: %s", self.settings.app_name, ", ".join(self.plugins.operations))
@@ -122,7 +122,7 @@ class PlatformPlugin(InitPluginProtocol):
                     try:
                         await self.engine.close()
                     finally:
-                        if database_is_open():
+                        if self.database.is_open():
                             await self.audit.flush(timeout=10)  # the rows still queued, while the database is open
 
         app_config.lifespan.append(lifespan)

@@ -89,6 +89,9 @@ def build_operation(config: Mapping[str, Any]) -> Operation[ChatRequest, ChatRes
     if unknown:
         raise ValueError(f"unknown setting(s) in [chat]: {', '.join(unknown)}; known: {', '.join(DEFAULT_LIMITS)}")
     limits = Limits(**{**DEFAULT_LIMITS, **config})
+    output_limit = limits.max_output_tokens
+    if output_limit is None:  # a generating operation needs its cap (TOML has no null: only a caller passes None)
+        raise ValueError("[chat] max_output_tokens must be a positive integer, not None")
 
     def prompt(request: ChatRequest) -> Generate:
         if request.logprobs:
@@ -97,11 +100,11 @@ def build_operation(config: Mapping[str, Any]) -> Operation[ChatRequest, ChatRes
             if getattr(request, field):
                 raise _unsupported(field, f"{field} is not supported by this server; send 0 or leave it out")
         asked = [n for n in (request.max_tokens, request.max_completion_tokens) if n is not None]
-        if asked and min(asked) > limits.max_output_tokens:
+        if asked and min(asked) > output_limit:
             field = "max_tokens" if request.max_tokens is not None else "max_completion_tokens"
             raise RequestValidationError.one(
                 "less_than_equal",
-                f"Input should be less than or equal to {limits.max_output_tokens} (this server's output limit)",
+                f"Input should be less than or equal to {output_limit} (this server's output limit)",
                 loc=["body", field],
                 input=min(asked),
             )
@@ -133,5 +136,5 @@ def build_operation(config: Mapping[str, Any]) -> Operation[ChatRequest, ChatRes
 
 
 @hookimpl
-def register_operations(config: Mapping[str, Any]) -> list[Operation]:  # type: ignore[type-arg]
+def register_operations(config: Mapping[str, Any]) -> list[Operation]:
     return [build_operation(config)]

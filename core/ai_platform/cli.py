@@ -112,12 +112,12 @@ def cmd_models_export(args: argparse.Namespace) -> None:
 def cmd_migrate(args: argparse.Namespace) -> None:
     import asyncio
 
-    from ai_platform.usage.database import database
+    from ai_platform.usage.database import Database
 
     settings = _settings()
 
     async def migrate() -> None:
-        async with database(settings.database_url):
+        async with Database(settings.database_url).opened():  # opening migrates
             pass
 
     asyncio.run(migrate())

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ai_platform.errors import PlatformError
+from ai_platform.errors import RequestValidationError
 from ai_platform.operations import Choice, Choose, Completion, Generate, ModelCall
 
 __all__ = ["Engine", "ModelStatus", "PromptTooLongError"]
@@ -32,21 +32,44 @@ class ModelStatus:
     reused_prompt_tokens: int = 0  # prompt positions taken from the model's prefix cache instead of computed
 
 
-class PromptTooLongError(PlatformError):
-    """A prompt that leaves no room in the model's context window for the answer.
+class PromptTooLongError(RequestValidationError):
+    """A prompt too long to run: it leaves no room in the model's context window for the answer,
+    or (``operation`` given) it is over that operation's ``Limits.max_input_tokens``.
 
-    Raised by the engine, which knows its tokenizer and context window but not the HTTP
-    request; orchestration names the request field it came from, and the API layer renders
-    the seed's 422 (``string_too_long``) from it.
+    The engine raises it knowing its tokenizer and context window but not the HTTP request
+    (``loc`` is then just ``["body"]``); orchestration names the request field the input came
+    from (:meth:`at`), and the API layer renders it as the seed's 422 like every
+    :class:`~ai_platform.errors.RequestValidationError` (one ``string_too_long`` entry), or as
+    OpenAI's ``context_length_exceeded`` on ``/v1``.
     """
 
-    status_code = 422
-
-    def __init__(self, tokens: int, most: int, *, unit: str = "tokens") -> None:
-        super().__init__(f"Input is too long for the model's context window ({tokens} {unit}; at most {max(most, 0)}).")
+    def __init__(
+        self,
+        tokens: int,
+        most: int,
+        *,
+        unit: str = "tokens",
+        operation: str | None = None,
+        loc: Sequence[str] = ("body",),
+    ) -> None:
         self.tokens = tokens
         self.most = max(most, 0)
         self.unit = unit
+        self.operation = operation
+        self.loc = list(loc)
+        if operation is None:
+            message = f"Input is too long for the model's context window ({tokens} {unit}; at most {self.most})."
+        else:
+            message = (
+                f"Input is too long for operation '{operation}': its prompt is {tokens} {unit}; at most {self.most}."
+            )
+        super().__init__([{"type": "string_too_long", "loc": self.loc, "msg": message, "input": None}])
+        self.message = message
+        self.args = (message,)  # what logs and tracebacks show, rather than "Request validation failed."
+
+    def at(self, loc: Sequence[str]) -> PromptTooLongError:
+        """The same error, found in the request field ``loc`` (``["body", "text"]``)."""
+        return PromptTooLongError(self.tokens, self.most, unit=self.unit, operation=self.operation, loc=loc)
 
 
 class Engine(Protocol):
@@ -77,12 +100,17 @@ class Engine(Protocol):
         """The prompt's length in tokens (``None`` if the engine cannot count), without model work.
 
         Raises what ``generate``/``choose`` would raise for ``call``; for ``Choose`` the longest
-        option must fit too. Must not wait for the model's queue, and may run concurrently.
+        option must fit too. Orchestration checks the count against ``Limits.max_input_tokens``.
+        Must not wait for the model's queue (tokenizing is enough), and may run concurrently.
         """
         ...
 
     async def generate(self, operation: str, call: Generate, *, max_output_tokens: int) -> Completion:
-        """The completion of ``call.messages``, at most ``max_output_tokens`` long (the final cap)."""
+        """The completion of ``call.messages``, at most ``max_output_tokens`` tokens long.
+
+        ``max_output_tokens`` is the final cap: orchestration has already lowered the operation's
+        limit to ``call.max_output_tokens``, so the engine does not apply that again.
+        """
         ...
 
     def stream(

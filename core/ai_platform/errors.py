@@ -47,9 +47,9 @@ class RequestValidationError(PlatformError):
         self.errors = errors
 
     @classmethod
-    def one(cls, type: str, msg: str, *, loc: list[str] | None = None, input: object = None) -> RequestValidationError:
-        """A 422 with one error entry (``loc`` defaults to the body's ``text``)."""
-        return cls([{"type": type, "loc": loc or ["body", "text"], "msg": msg, "input": input}])
+    def one(cls, type: str, msg: str, *, loc: list[str], input: object = None) -> RequestValidationError:
+        """A 422 with one error entry; ``loc`` is where in the request it is (``["body", "text"]``)."""
+        return cls([{"type": type, "loc": loc, "msg": msg, "input": input}])
 
 
 class LimitExceededError(PlatformError):

@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 import pluggy
 
-from ai_platform.operations import ModelCall, Operation, ResponseMeta
+from ai_platform.operations import ModelCall, ModelResult, Operation, ResponseMeta
 
 PROJECT_NAME = "ai_platform"
 PLUGIN_API_VERSION = 1
@@ -27,7 +28,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def register_operations(config: Mapping[str, Any]) -> list[Operation]:  # type: ignore[type-arg,empty-body]
+def register_operations(config: Mapping[str, Any]) -> list[Operation]:  # type: ignore[empty-body]
     """Return the operations this plugin provides.
 
     ``config`` is this plugin's section of the plugin configuration file
@@ -39,7 +40,7 @@ def register_operations(config: Mapping[str, Any]) -> list[Operation]:  # type: 
 
 
 @hookspec(firstresult=True)
-def build_model_call(operation: Operation, request: Any) -> ModelCall:  # type: ignore[type-arg,empty-body]
+def build_model_call(operation: Operation, request: Any) -> ModelCall:  # type: ignore[empty-body]
     """Turn a validated request into the model call (``Generate`` or ``Choose``).
 
     The core's implementation calls ``operation.prompt(request)``. Implement it
@@ -50,7 +51,9 @@ def build_model_call(operation: Operation, request: Any) -> ModelCall:  # type: 
 
 
 @hookspec(firstresult=True)
-def build_response(operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
+def build_response(  # type: ignore[empty-body]
+    operation: Operation, request: Any, result: ModelResult, meta: ResponseMeta
+) -> msgspec.Struct:
     """Turn the model's result into the operation's response struct.
 
     The core's implementation calls ``operation.respond(request, result, meta)``.

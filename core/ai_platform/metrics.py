@@ -14,8 +14,7 @@ sets, which is why the deployment runs one worker (it also loads each model once
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,6 +27,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ai_platform.engine_contract import Engine
+
 __all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "PlatformMetrics"]
 
 PREFIX = "ai_platform"
@@ -38,14 +39,10 @@ LATENCY_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
 LIMIT_EXCEEDED = 429
 
 
-class _StatusSource(Protocol):
-    def status(self) -> Sequence[Any]: ...
-
-
 class _EngineCollector(Collector):
     """Model load state and queue depth of every operation, read from ``engine.status()`` at scrape time."""
 
-    def __init__(self, engine: _StatusSource) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -77,7 +74,7 @@ class _EngineCollector(Collector):
 class PlatformMetrics:
     """The metrics of one app and its ``/metrics`` exposition."""
 
-    def __init__(self, engine: _StatusSource, operations: Iterable[str]) -> None:
+    def __init__(self, engine: Engine, operations: Iterable[str]) -> None:
         self.registry = CollectorRegistry()
         self._requests = Counter(
             "requests",

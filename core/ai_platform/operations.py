@@ -13,14 +13,13 @@ import importlib.resources
 import json
 import math
 import re
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal
 
 import msgspec
-
-Req = TypeVar("Req", bound=msgspec.Struct)
-Resp = TypeVar("Resp", bound=msgspec.Struct)
+from typing_extensions import TypeVar
 
 # Why a generation ended: "stop" (end of sequence, or a stop string) or "length" (token or context limit).
 FinishReason = Literal["stop", "length"]
@@ -63,10 +62,13 @@ class Limits:
     ``max_input_tokens`` caps the prompt the operation builds, in the serving model's
     tokens, checked before admission (characters alone do not bound the work: 2,000 emoji
     are ~6,000 tokens); ``None`` leaves only the model's context window.
+    ``max_output_tokens`` caps generation: every operation whose ``prompt`` may return
+    :class:`Generate` needs it. A choosing operation, whose ``prompt`` is annotated to
+    return :class:`Choose` only, generates nothing and may leave it ``None``.
     """
 
     max_input_chars: int
-    max_output_tokens: int
+    max_output_tokens: int | None = None
     daily_limit: int | None = None
     max_input_tokens: int | None = None
 
@@ -148,6 +150,18 @@ class Choice:
 ModelCall = Generate | Choose
 ModelResult = Completion | Choice
 
+# The type parameters of :class:`Operation`: its request and response structs, and the model
+# result its ``respond`` takes (:class:`Completion` for a ``Generate`` prompt, :class:`Choice`
+# for a ``Choose`` one). All three are inferred from the arguments, so that
+# ``Operation(request_type=SummarizeRequest, ..., respond=respond)`` is an
+# ``Operation[SummarizeRequest, SummarizeResponse, Completion]``. They default to ``Any``: a bare
+# ``Operation`` (``list[Operation]``, ``dict[str, Operation]``) is an operation of any types. A
+# default of ``msgspec.Struct`` could not hold them: ``prompt`` takes a ``Req``, so an
+# ``Operation[SummarizeRequest, ...]`` is not an ``Operation[msgspec.Struct, ...]``.
+Req = TypeVar("Req", bound=msgspec.Struct, default=Any)
+Resp = TypeVar("Resp", bound=msgspec.Struct, default=Any)
+Result = TypeVar("Result", bound=ModelResult, default=Any)
+
 
 SPLITS = ("dev", "heldout")
 
@@ -210,14 +224,25 @@ def _request_text(request: Any) -> str:
     return str(request.text)
 
 
+def _only_chooses(prompt: object) -> bool:
+    """Whether ``prompt`` is annotated to return :class:`Choose` and nothing else (a choosing operation)."""
+    try:
+        returns = typing.get_type_hints(prompt).get("return")
+    except Exception:  # not a function, or annotations that do not resolve: read as generating
+        return False
+    return isinstance(returns, type) and issubclass(returns, Choose)
+
+
 @dataclass(frozen=True, kw_only=True)
-class Operation(Generic[Req, Resp]):
+class Operation(Generic[Req, Resp, Result]):
     """A task served at ``POST /operations/{name}``.
 
     ``request_type``/``response_type`` are ``msgspec.Struct`` classes: they are
     the validation and the OpenAPI schema at once. ``response_type`` must have
-    a ``meta: ResponseMeta`` field. ``input_text`` picks the text whose length
-    counts as ``input_chars`` (default: the request's ``text`` field).
+    a ``meta: ResponseMeta`` field. ``respond`` receives the result of the call
+    ``prompt`` built: a :class:`Completion` or a :class:`Choice`. ``input_text``
+    picks the text whose length counts as ``input_chars`` (default: the
+    request's ``text`` field).
     ``examples`` are labelled :class:`Example` s for ``ai-platform eval`` and
     ``selftest``: a sequence, or a function returning one (called on first use, e.g.
     :func:`examples_file`), so that startup never reads them.
@@ -229,7 +254,7 @@ class Operation(Generic[Req, Resp]):
     response_type: type[Resp]
     limits: Limits
     prompt: Callable[[Req], ModelCall]
-    respond: Callable[[Req, Any, ResponseMeta], Resp]
+    respond: Callable[[Req, Result, ResponseMeta], Resp]
     input_text: Callable[[Req], str] = field(default=_request_text)
     # True when ``respond`` keeps the model's text as it is (only stripped): a streaming
     # client then gets the text as it is decoded. Otherwise (``summarize`` cuts sentences)
@@ -264,6 +289,11 @@ class Operation(Generic[Req, Resp]):
         for label in ("prompt", "respond", "input_text"):
             if not callable(getattr(self, label)):
                 raise ValueError(f"operation {self.name!r}: {label} must be callable")
+        if self.limits.max_output_tokens is None and not _only_chooses(self.prompt):
+            raise ValueError(
+                f"operation {self.name!r}: limit max_output_tokens is required unless prompt is annotated "
+                "to return Choose (an operation that may generate needs a cap)"
+            )
         if not callable(self.examples):  # a function is called on first use only: never at startup
             self.load_examples()
         request_fields = {f.name for f in msgspec.structs.fields(self.request_type)}

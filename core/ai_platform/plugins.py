@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Literal, cast
 
+import msgspec
 import pluggy
 
 from ai_platform import chat, hookspecs
 from ai_platform.errors import ConfigurationError, PluginError
-from ai_platform.operations import ModelCall, Operation, ResponseMeta
+from ai_platform.operations import ModelCall, ModelResult, Operation, ResponseMeta
 from ai_platform.plugin_config import read_plugin_config, resolve_section
 from ai_platform.settings import PluginSettings
 
@@ -50,7 +51,7 @@ class LoadedPlugins:
 
     manager: pluggy.PluginManager
     plugins: list[PluginInfo]
-    operations: dict[str, Operation]  # type: ignore[type-arg]
+    operations: dict[str, Operation]
 
     @property
     def problems(self) -> list[PluginInfo]:
@@ -99,13 +100,18 @@ class LoadedPlugins:
                 hint = f"; disabled plugins: {', '.join(disabled)}" if disabled else ""
                 log.warning("OPERATION_MODEL_MAP names '%s', which no loaded plugin provides%s", name, hint)
 
-    def build_model_call(self, operation: Operation, request: Any) -> ModelCall:  # type: ignore[type-arg]
+    def build_model_call(self, operation: Operation, request: Any) -> ModelCall:
         """The ``build_model_call`` hook: the operation's prompt, as wrapped by plugins."""
         return cast(ModelCall, self.manager.hook.build_model_call(operation=operation, request=request))
 
-    def build_response(self, operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
-        """The ``build_response`` hook: the operation's response, as wrapped by plugins."""
-        return self.manager.hook.build_response(operation=operation, request=request, result=result, meta=meta)
+    def build_response(
+        self, operation: Operation, request: Any, result: ModelResult, meta: ResponseMeta
+    ) -> msgspec.Struct:
+        """The ``build_response`` hook: the operation's response, as wrapped by plugins (checked by the caller)."""
+        return cast(
+            msgspec.Struct,
+            self.manager.hook.build_response(operation=operation, request=request, result=result, meta=meta),
+        )
 
     def wraps_responses(self) -> bool:
         """Whether a plugin implements ``build_response`` (and may change the text, as ``redact`` does)."""
@@ -116,12 +122,15 @@ class _CoreHooks:
     """The core's own implementations, which plugins' wrappers wrap."""
 
     @hookspecs.hookimpl(trylast=True)
-    def build_model_call(self, operation: Operation, request: Any) -> ModelCall:  # type: ignore[type-arg]
+    def build_model_call(self, operation: Operation, request: Any) -> ModelCall:
         return operation.prompt(request)
 
     @hookspecs.hookimpl(trylast=True)
-    def build_response(self, operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
-        return operation.respond(request, result, meta)
+    def build_response(
+        self, operation: Operation, request: Any, result: ModelResult, meta: ResponseMeta
+    ) -> msgspec.Struct:
+        response: msgspec.Struct = operation.respond(request, result, meta)
+        return response
 
 
 CORE_PLUGIN_NAME = "ai_platform.core"
@@ -175,7 +184,7 @@ class _Loader:
         self.strict = strict
         self.config = config
         self.infos: list[PluginInfo] = []
-        self.operations: dict[str, Operation] = {}  # type: ignore[type-arg]
+        self.operations: dict[str, Operation] = {}
         self._by_name: dict[str, PluginInfo] = {}
 
     def report(self, name: str, source: object, status: PluginStatus) -> PluginInfo:

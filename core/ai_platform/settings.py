@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -50,6 +50,11 @@ PLACEHOLDER_PATTERN = re.compile(r"(change|replace)[-_ ]?me", re.IGNORECASE)
 QUOTES = "\"'`"
 GENERATE_HINT = 'generate secrets with: python3 -c "import secrets; print(secrets.token_urlsafe(48))"'
 DATABASE_SCHEMES = ("sqlite", "postgres", "postgresql")
+
+# Where models run; the one list of choices. Checked where a value enters: here, reading EXECUTION_PROVIDER,
+# and by the runtime's InferenceEngine for callers that build it directly; below that it is trusted.
+ExecutionProvider = Literal["auto", "cpu", "cuda"]
+EXECUTION_PROVIDERS: tuple[ExecutionProvider, ...] = get_args(ExecutionProvider)
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
@@ -110,7 +115,7 @@ class Settings(PluginSettings, kw_only=True, frozen=True, forbid_unknown_fields=
     limit_timezone: NonEmptyStr = "UTC"
     models_dir: Path = Path("models")
     database_url: NonEmptyStr = "sqlite://data/ai_platform.sqlite3"
-    execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
+    execution_provider: ExecutionProvider = "auto"
     max_queue_per_model: PositiveInt = 32
     max_batch_per_model: PositiveInt = 16
     prefix_cache_mb: Annotated[int, msgspec.Meta(ge=0)] = 64

@@ -29,8 +29,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from ai_platform.errors import ModelUnavailableError, RequestValidationError
-from ai_platform.operations import Choice, Choose, Completion, Generate, Operation, ResponseMeta
+from ai_platform.engine_contract import Engine, ModelStatus, PromptTooLongError
+from ai_platform.errors import ModelUnavailableError
+from ai_platform.operations import Choice, Choose, Completion, Generate, ModelCall, Operation, ResponseMeta
 
 CLIENT_KEY = "test-client-key-0123456789"
 ADMIN_KEY = "test-admin-key-0123456789"
@@ -42,21 +43,23 @@ _REPO = Path(__file__).resolve().parents[2]  # the source checkout, for an edita
 
 @dataclass
 class FakeEngine:
-    """Stands in for the runtime: answers from the prompt itself, instantly and deterministically.
+    """Stands in for the runtime (the whole :class:`~ai_platform.engine_contract.Engine` contract):
+    answers from the prompt itself, instantly and deterministically.
 
     ``generate`` returns ``answer`` if set, else echoes the last message's
-    words (up to the token limit) and adds two sentences; ``choose`` favours
+    words (up to ``max_output_tokens``, the final cap: the call's own
+    ``max_output_tokens`` is orchestration's to apply) and adds two sentences; ``choose`` favours
     options that occur in the last message. Set ``delay``, ``fail_with`` or
     ``unavailable`` to test the platform around slow, failing or missing models.
     ``calls`` records every ``(operation, model call)``.
 
     ``max_prompt_chars`` stands in for the model's context window: a call whose
     prompt (the messages' characters, plus the longest option of a ``Choose``)
-    is longer is refused with the runtime's 422 ("Input is too long for the
-    model's context window"), by ``check`` before admission and, like the
-    runtime, by ``generate``/``choose`` themselves (after ``delay``: a real
-    model tokenizes a queued request when its turn comes). ``checks`` records
-    every call ``check`` saw.
+    is longer is refused with :class:`~ai_platform.engine_contract.PromptTooLongError`
+    (in ``characters``), by ``check`` before admission and, like the runtime, by
+    ``generate``/``choose`` themselves (after ``delay``: a real model tokenizes
+    a queued request when its turn comes). ``checks`` records every call
+    ``check`` saw.
     """
 
     models: dict[str, str] = field(default_factory=dict)
@@ -76,9 +79,7 @@ class FakeEngine:
     async def close(self) -> None:
         self.started = False
 
-    def status(self) -> list[Any]:
-        from ai_platform.engine_contract import ModelStatus  # onnxruntime: only when a test asks
-
+    def status(self) -> list[ModelStatus]:
         return [
             ModelStatus(
                 operation=op,
@@ -98,19 +99,16 @@ class FakeEngine:
         if operation in self.unavailable:
             raise ModelUnavailableError(f"Model for operation '{operation}' is not loaded: missing")
 
-    def _fits(self, call: Generate | Choose) -> None:
+    def _fits(self, call: ModelCall) -> None:
         if self.max_prompt_chars is None:
             return
         size = sum(len(m.content) for m in call.messages)
         if isinstance(call, Choose):
             size += max((len(option) for option in call.options), default=0)
         if size > self.max_prompt_chars:
-            raise RequestValidationError.one(
-                "string_too_long",
-                f"Input is too long for the model's context window ({size} characters; at most {self.max_prompt_chars}).",
-            )
+            raise PromptTooLongError(size, self.max_prompt_chars, unit="characters")
 
-    async def check(self, operation: str, call: Generate | Choose) -> int:
+    async def check(self, operation: str, call: ModelCall) -> int | None:
         """What the orchestrator asks before admission: a loaded model, and a prompt that fits.
 
         Returns the prompt's "tokens": one per character of its messages.
@@ -120,7 +118,7 @@ class FakeEngine:
         self._fits(call)
         return sum(len(message.content) for message in call.messages)
 
-    async def _enter(self, operation: str, call: Generate | Choose) -> None:
+    async def _enter(self, operation: str, call: ModelCall) -> None:
         self._unavailable(operation)
         self.calls.append((operation, call))
         if self.delay:
@@ -162,7 +160,7 @@ class FakeEngine:
         return Choice(scores=scores, output_tokens=2)
 
 
-def check_operation(operation: Operation, example: Mapping[str, Any], *, completion: str = "A fake answer.") -> Any:  # type: ignore[type-arg]
+def check_operation(operation: Operation, example: Mapping[str, Any], *, completion: str = "A fake answer.") -> Any:
     """Validate ``operation``'s spec and run ``example`` through prompt → fake model → respond.
 
     Returns the response struct. Fails if the spec is invalid, the example does
@@ -223,7 +221,7 @@ def platform_client(tmp_path: Path) -> PlatformClientFactory:
     @asynccontextmanager
     async def make(
         *plugins: tuple[str, object],
-        engine: Any = None,
+        engine: Engine | None = None,
         model_dir: Path | None = None,
         entry_points: bool = False,
         settings: Mapping[str, str] | None = None,

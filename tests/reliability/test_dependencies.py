@@ -16,7 +16,7 @@ from tortoise.migrations.executor import MigrationExecutor
 from ai_platform.app import create_app
 from ai_platform.settings import Settings
 from ai_platform.testing import FakeEngine
-from ai_platform.usage.database import APPS, BASELINE, MODELS_MODULE, database
+from ai_platform.usage.database import APPS, BASELINE, MODELS_MODULE, Database
 from ai_platform.usage.models import DailyUsage, KeyQuota
 from harness import PostgresServer, query
 from support import ADMIN, CLASSIFY, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE
@@ -39,7 +39,7 @@ async def _make_legacy(url: str) -> None:
 async def test_migrations_upgrade_an_existing_database_in_place(database_url: str) -> None:
     await _make_legacy(database_url)
     for _ in range(2):  # the second start finds nothing to do
-        async with database(database_url):
+        async with Database(database_url).opened():
             row = await DailyUsage.get(operation="summarize", day=date(2026, 2, 3))
             assert (row.request_count, row.total_tokens) == (7, 70)
             await KeyQuota.update_or_create(defaults={"daily_limit": 3}, key_id="abc", operation="summarize")

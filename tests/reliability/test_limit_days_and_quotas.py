@@ -10,10 +10,10 @@ from litestar.testing import AsyncTestClient
 
 from ai_platform.app import create_app
 from ai_platform.errors import ConfigurationError, LimitExceededError
+from ai_platform.limits.service import LimitService, Owner
 from ai_platform.settings import Settings
 from ai_platform.testing import FakeEngine
-from ai_platform.usage.database import database
-from ai_platform.usage.limit_service import LimitService, Owner
+from ai_platform.usage.database import Database
 from ai_platform.usage.models import DailyUsage, KeyDailyUsage
 from ai_platform.usage.models import Reservation as ReservationRow
 from support import ADMIN, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE
@@ -29,16 +29,19 @@ class Clock:
         return self.now
 
 
-def _service(clock: Clock, *, zone: str = "UTC", limit: int = 2) -> LimitService:
+def _service(clock: Clock, url: str = "sqlite://:memory:", *, zone: str = "UTC", limit: int = 2) -> LimitService:
     from ai_platform_summarize import OPERATION
 
-    return LimitService({"summarize": OPERATION}, default_daily_limit=limit, timezone=ZoneInfo(zone), clock=clock)
+    database = Database(url)
+    return LimitService(
+        database, {"summarize": OPERATION}, default_daily_limit=limit, timezone=ZoneInfo(zone), clock=clock
+    )
 
 
 async def test_the_day_follows_the_configured_time_zone(database_url: str) -> None:
     clock = Clock(datetime(2026, 1, 1, 22, 59, 30, tzinfo=UTC))  # 23:59:30 in Berlin
-    service = _service(clock, zone="Europe/Berlin")
-    async with database(database_url):
+    service = _service(clock, database_url, zone="Europe/Berlin")
+    async with service.database.opened():
         reservation = await service.admit("summarize", "k1")
         await service.commit(reservation, tokens=3)
         assert reservation.rate_limit.reset_seconds == 30
@@ -72,8 +75,8 @@ async def _orphan(service: LimitService, clock: Clock, *, host: str, pid: int, e
 
 async def test_reservations_of_dead_processes_are_given_back(database_url: str) -> None:
     clock = Clock(datetime(2026, 5, 1, 12, tzinfo=UTC))
-    service = _service(clock, limit=2)
-    async with database(database_url):
+    service = _service(clock, database_url, limit=2)
+    async with service.database.opened():
         me = Owner.current()
         await _orphan(service, clock, host=me.host, pid=2**22 + 7, expires_in=300)  # dead pid on this host
         await _orphan(service, clock, host="other-server", pid=1234, expires_in=300)  # another host: lease
@@ -95,8 +98,8 @@ async def test_reservations_of_dead_processes_are_given_back(database_url: str) 
 
 async def test_a_request_swept_while_still_running_is_still_counted_once(database_url: str) -> None:
     clock = Clock(datetime(2026, 5, 1, 12, tzinfo=UTC))
-    service = _service(clock, limit=5)
-    async with database(database_url):
+    service = _service(clock, database_url, limit=5)
+    async with service.database.opened():
         reservation = await service.admit("summarize", "k1")
         clock.now += timedelta(hours=1)
         assert await service.sweep_expired() == 1

@@ -11,11 +11,13 @@ import pytest
 from ai_platform.operations import Generate, Message
 from ai_platform.runtime import generation
 from ai_platform.runtime.engine import InferenceEngine
-from ai_platform.runtime.generation import Generated, GenerationCancelled, greedy_generate, score_options
+from ai_platform.runtime.generation import Generated, GenerationCancelled
 from ai_platform.runtime.kv_batch import DecodeBatch, new_batch
 from ai_platform.runtime.model import LanguageModel
+from ai_platform.runtime.model_runner import ModelRunner
 from ai_platform.runtime.prefix_cache import PrefixCache
-from ai_platform.runtime.scheduler import ContinuousBatch, SequenceRequest
+from ai_platform.runtime.scheduler import Scheduler, SequenceRequest
+from runtime_reference import greedy_generate, score_options
 
 TOPICS = ("the fox", "quarterly earnings and the new office in Paris", "a", "12 x 12 = 144, 7 + 8 = 15", "usage")
 
@@ -50,7 +52,7 @@ def prompts(model: LanguageModel) -> list[list[int]]:
     return encoded
 
 
-def run_until_done(batch: ContinuousBatch, outcomes: Outcomes, total: int) -> None:
+def run_until_done(batch: Scheduler, outcomes: Outcomes, total: int) -> None:
     while len(outcomes.results) + len(outcomes.errors) < total:
         batch.step()
 
@@ -67,7 +69,7 @@ def test_staggered_batch_equals_each_sequence_alone(any_model: LanguageModel) ->
     free = alone(tiny_model, encoded[0], 30).tokens
     eos = frozenset({next(token for k, token in enumerate(free) if k >= 4 and token not in free[:k])})
     outcomes = Outcomes()
-    batch = ContinuousBatch(new_batch(tiny_model.decoder), max_batch=8)
+    batch = Scheduler(ModelRunner(new_batch(tiny_model.decoder)), max_batch=8)
     for index, (prompt, budget) in enumerate(zip(encoded, budgets, strict=True)):
         batch.admit(outcomes.request(str(index), prompt, budget, eos if index == 0 else frozenset()))
         for _ in range(3):  # later sequences join a batch that is already decoding
@@ -85,7 +87,7 @@ def test_cancelling_one_sequence_leaves_the_others_intact(any_model: LanguageMod
     tiny_model = any_model
     encoded = prompts(tiny_model)[:3]
     outcomes = Outcomes()
-    batch = ContinuousBatch(new_batch(tiny_model.decoder), max_batch=8)
+    batch = Scheduler(ModelRunner(new_batch(tiny_model.decoder)), max_batch=8)
     requests = [outcomes.request(str(i), prompt, 20) for i, prompt in enumerate(encoded)]
     for request in requests:
         batch.admit(request)
@@ -117,7 +119,7 @@ def test_a_failing_step_fails_only_the_active_sequences(tiny_model: LanguageMode
             self.inner.remove(row)
 
     outcomes = Outcomes()
-    batch = ContinuousBatch(Broken(new_batch(tiny_model.decoder)), max_batch=8)  # type: ignore[arg-type]
+    batch = Scheduler(ModelRunner(Broken(new_batch(tiny_model.decoder))), max_batch=8)  # type: ignore[arg-type]
     encoded = prompts(tiny_model)
     batch.admit(outcomes.request("a", encoded[0], 5))
     batch.step()  # prefills "a"
@@ -138,13 +140,13 @@ async def test_concurrent_engine_calls_share_steps_and_match_unbatched(
     )
     await engine.start()
     sizes: list[int] = []
-    step = ContinuousBatch.step
+    step = Scheduler.step
 
-    def counting_step(self: ContinuousBatch) -> None:
+    def counting_step(self: Scheduler) -> None:
         sizes.append(self.active)
         step(self)
 
-    monkeypatch.setattr(ContinuousBatch, "step", counting_step)
+    monkeypatch.setattr(Scheduler, "step", counting_step)
     results: dict[int, str] = {}
 
     async def call(index: int) -> None:
@@ -167,7 +169,7 @@ def test_prompts_sharing_a_prefix_reuse_its_kv_and_decode_the_same(any_model: La
     shared = min(next(i for i, (a, b) in enumerate(zip(p, encoded[0], strict=False)) if a != b) for p in encoded[1:])
     cache = PrefixCache()
     outcomes = Outcomes()
-    batch = ContinuousBatch(new_batch(any_model.decoder, cache), max_batch=8)
+    batch = Scheduler(ModelRunner(new_batch(any_model.decoder, cache)), max_batch=8)
     for index, prompt in enumerate(encoded):
         batch.admit(outcomes.request(str(index), prompt, 12))
         batch.step()
@@ -187,7 +189,7 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_the_others_decode(
     monkeypatch.setattr(generation, "PREFILL_CHUNK", 4)
     short, long = prompts(any_model)[2], prompts(any_model)[1]
     outcomes = Outcomes()
-    batch = ContinuousBatch(new_batch(any_model.decoder), max_batch=8)
+    batch = Scheduler(ModelRunner(new_batch(any_model.decoder)), max_batch=8)
     decoding = outcomes.request("short", short, 40)
     batch.admit(decoding)
     while not decoding.tokens:

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from ai_platform.operations import Choose, Message
-from ai_platform.runtime import InferenceEngine
-from ai_platform.runtime.generation import option_log_probs_steps, run_steps, score_options
+from ai_platform.runtime.engine import InferenceEngine
+from ai_platform.runtime.generation import option_log_probs_steps, run_steps
 from ai_platform.runtime.model import LanguageModel, option_probabilities
 from ai_platform_classify import ClassifyRequest
 from ai_platform_classify import prompt as classify_prompt
+from runtime_reference import score_options
 
 pytestmark = pytest.mark.anyio
 

@@ -14,9 +14,10 @@ import pytest
 
 from ai_platform.operations import Completion, Generate, Message
 from ai_platform.runtime.engine import InferenceEngine
-from ai_platform.runtime.generation import Generated, greedy_generate, prefill
+from ai_platform.runtime.generation import Generated, prefill
 from ai_platform.runtime.model import LanguageModel
-from ai_platform.runtime.scheduler import ContinuousBatch
+from ai_platform.runtime.scheduler import Scheduler
+from runtime_reference import greedy_generate
 
 pytestmark = pytest.mark.demo_model
 
@@ -124,19 +125,19 @@ async def test_served_generations_equal_the_unbatched_reference_alone_after_idle
         assert completion.output_tokens >= 5 and len(completion.text.split()) >= 3, (name, completion)
     sizes: list[int] = []
     generated: dict[tuple[int, ...], Generated] = {}
-    step, leave = ContinuousBatch.step, ContinuousBatch._leave
+    step, leave = Scheduler.step, Scheduler._leave
 
-    def watched_step(self: ContinuousBatch) -> None:
+    def watched_step(self: Scheduler) -> None:
         sizes.append(self.active)
         step(self)
 
-    def recorded_leave(self: ContinuousBatch, row: int, result: Generated | None, error: BaseException | None) -> None:
+    def recorded_leave(self: Scheduler, row: int, result: Generated | None, error: BaseException | None) -> None:
         if result is not None:
             generated[tuple(self._rows[row].prompt)] = result
         leave(self, row, result, error)
 
-    monkeypatch.setattr(ContinuousBatch, "step", watched_step)
-    monkeypatch.setattr(ContinuousBatch, "_leave", recorded_leave)
+    monkeypatch.setattr(Scheduler, "step", watched_step)
+    monkeypatch.setattr(Scheduler, "_leave", recorded_leave)
     (tmp_path / "demo").symlink_to(demo_model_dir, target_is_directory=True)
     engine = InferenceEngine(tmp_path, {"translate": "demo"}, execution_provider="cpu", **IN_THIS_PROCESS)
     await engine.start()

@@ -14,12 +14,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from ai_platform.errors import ConfigurationError, ModelUnavailableError, RequestValidationError
+from ai_platform.engine_contract import PromptTooLongError
+from ai_platform.errors import ConfigurationError, ModelUnavailableError
 from ai_platform.operations import Choice, Choose, Completion, Generate, Message
-from ai_platform.runtime import InferenceEngine
-from ai_platform.runtime.generation import greedy_generate
+from ai_platform.runtime.engine import InferenceEngine
 from ai_platform.runtime.model import LanguageModel
 from ai_platform.runtime.onnx_model import OnnxDecoder
+from runtime_reference import greedy_generate
 
 pytestmark = pytest.mark.anyio
 
@@ -129,15 +130,17 @@ async def test_symlinked_folders_share_one_session(models_dir: Path, monkeypatch
     await engine.close()
 
 
-async def test_generate_is_the_reference_decode_within_both_token_limits(
+async def test_generate_is_the_reference_decode_within_the_final_token_cap(
     any_engine: InferenceEngine, tiny_model: LanguageModel
 ) -> None:
-    for call_limit, limit in ((None, 5), (3, 3), (50, 5)):
+    # max_output_tokens is the final cap (the orchestrator folded the call's own limit into it): the
+    # engine does not apply call.max_output_tokens again.
+    for call_limit, limit in ((None, 5), (3, 5), (50, 3)):
         completion = await any_engine.generate(
-            "summarize", Generate(messages=MESSAGES, max_output_tokens=call_limit), max_output_tokens=5
+            "summarize", Generate(messages=MESSAGES, max_output_tokens=call_limit), max_output_tokens=limit
         )
         expected = reference(tiny_model, MESSAGES, limit)
-        # The tiny model never says eos on this prompt: the lower limit ends it, with real tokens.
+        # The tiny model never says eos on this prompt: the limit ends it, with real tokens.
         assert (expected.output_tokens, expected.finish_reason) == (limit, "length") and expected.text
         assert completion == expected
 
@@ -173,12 +176,11 @@ async def test_missing_model_is_unavailable_while_others_work(
 async def test_input_beyond_the_context_window_is_rejected(engine: InferenceEngine, tiny_model: LanguageModel) -> None:
     context = tiny_model.decoder.max_positions
     long = [Message("user", "Hello world! " * context)]
-    with pytest.raises(RequestValidationError) as raised:
+    with pytest.raises(PromptTooLongError) as raised:
         await engine.generate("summarize", Generate(messages=long), max_output_tokens=5)
-    [error] = raised.value.errors
-    assert error["type"] == "string_too_long" and error["loc"] == ["body", "text"] and error["input"] is None
-    assert "context window" in str(error["msg"]) and f"at most {context - 1})" in str(error["msg"])
-    with pytest.raises(RequestValidationError):
+    assert raised.value.tokens > context and raised.value.most == context - 1  # one position left to answer
+    assert "context window" in str(raised.value) and f"at most {context - 1})" in str(raised.value)
+    with pytest.raises(PromptTooLongError):
         await engine.choose("classify", Choose(messages=long, options=["a", "b"]))
 
 
@@ -191,7 +193,7 @@ async def test_check_counts_prompt_tokens_before_any_model_work(
     expected, _ = tiny_model.encode_choice(MESSAGES, options)
     assert await any_engine.check("classify", Choose(messages=MESSAGES, options=options)) == len(expected)
     long = [Message("user", "Hello world! " * tiny_model.decoder.max_positions)]
-    with pytest.raises(RequestValidationError, match="Request validation failed"):
+    with pytest.raises(PromptTooLongError, match="context window"):
         await any_engine.check("summarize", Generate(messages=long))
     with pytest.raises(ModelUnavailableError):
         await any_engine.check("translate", Generate(messages=MESSAGES))

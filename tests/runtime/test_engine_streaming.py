@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from ai_platform.operations import Completion, Generate, Message
-from ai_platform.runtime import InferenceEngine
+from ai_platform.runtime.engine import InferenceEngine
 from ai_platform.runtime.model import LanguageModel
 from ai_platform.runtime.tokenizer import TextDeltas
 

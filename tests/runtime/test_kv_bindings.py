@@ -17,11 +17,13 @@ import pytest
 
 from ai_platform.operations import Message
 from ai_platform.runtime import kv_batch
-from ai_platform.runtime.generation import Generated, greedy_generate
+from ai_platform.runtime.generation import Generated
 from ai_platform.runtime.kv_batch import SharedBufferBatch
 from ai_platform.runtime.model import LanguageModel
+from ai_platform.runtime.model_runner import ModelRunner
 from ai_platform.runtime.prefix_cache import PrefixCache
-from ai_platform.runtime.scheduler import ContinuousBatch, SequenceRequest
+from ai_platform.runtime.scheduler import Scheduler, SequenceRequest
+from runtime_reference import greedy_generate
 
 
 def bound_pointers_are_live(batch: SharedBufferBatch) -> None:
@@ -35,7 +37,7 @@ def bound_pointers_are_live(batch: SharedBufferBatch) -> None:
     assert not stale, f"{len(stale)} of {len(live)} bindings point at replaced memory: {stale[:4]}"
 
 
-def run(batch: ContinuousBatch, model: LanguageModel, prompts: list[list[int]], budget: int) -> list[Generated]:
+def run(batch: Scheduler, model: LanguageModel, prompts: list[list[int]], budget: int) -> list[Generated]:
     results: dict[int, Generated] = {}
 
     def finisher(index: int) -> Callable[[Generated | None, BaseException | None], None]:
@@ -46,7 +48,7 @@ def run(batch: ContinuousBatch, model: LanguageModel, prompts: list[list[int]], 
 
         return finish
 
-    shared: SharedBufferBatch = batch._batch  # type: ignore[assignment]
+    shared: SharedBufferBatch = batch._runner.batch  # type: ignore[assignment]
     step = SharedBufferBatch.step
 
     def checked_step(tokens: list[int]) -> np.ndarray:
@@ -103,7 +105,7 @@ def test_buffers_that_move_while_layer_0_keeps_its_address_are_bound_again(
     numpy_with_reusing_zeros = type("numpy", (), {"__getattr__": lambda _, name: getattr(np, name)})()
     numpy_with_reusing_zeros.zeros = zeros
     monkeypatch.setattr(kv_batch, "np", numpy_with_reusing_zeros)
-    batch = ContinuousBatch(SharedBufferBatch(model.decoder), max_batch=4)
+    batch = Scheduler(ModelRunner(SharedBufferBatch(model.decoder)), max_batch=4)
     # One sequence per round: grow -> idle -> grow to the same shape, layer 0 and logits at their old addresses.
     for round_ in range(3):
         assert run(batch, model, prompts, 12) == expected, f"round {round_}"
@@ -119,7 +121,7 @@ def test_grow_idle_grow_cycles_decode_exactly_and_bind_live_memory(
     prompts = encode(model, texts)
     alone = {tuple(p): greedy_generate(model.decoder, p, max_new_tokens=10, eos_ids=()) for p in prompts}
     cache = PrefixCache(64 * 2**10) if cached else None  # small: entries are evicted as rounds go on
-    batch = ContinuousBatch(SharedBufferBatch(model.decoder, cache), max_batch=8)
+    batch = Scheduler(ModelRunner(SharedBufferBatch(model.decoder, cache)), max_batch=8)
     rng = np.random.default_rng(7)
     for round_ in range(80):
         chosen = [prompts[i] for i in rng.choice(len(prompts), size=int(rng.integers(1, 8)))]

@@ -15,10 +15,11 @@ from test_batching import Outcomes, alone, run_until_done
 
 from ai_platform.operations import Message
 from ai_platform.runtime import kv_batch
+from ai_platform.runtime.engine_loop import EngineLoop
 from ai_platform.runtime.kv_batch import Prefill, SharedBufferBatch, new_batch
 from ai_platform.runtime.model import LanguageModel
-from ai_platform.runtime.scheduler import ContinuousBatch, SequenceRequest
-from ai_platform.runtime.worker import ModelWorker
+from ai_platform.runtime.model_runner import ModelRunner
+from ai_platform.runtime.scheduler import Scheduler, SequenceRequest
 
 
 def encode(model: LanguageModel, count: int) -> list[list[int]]:
@@ -43,7 +44,7 @@ def test_longer_rows_keep_the_row_count_and_decode_exactly(
     model = tiny_genai_model
     shared = Recording(model.decoder, max_rows=16)
     shared.shapes = []
-    batch = ContinuousBatch(shared, max_batch=16)
+    batch = Scheduler(ModelRunner(shared), max_batch=16)
     outcomes = Outcomes()
     prompts = encode(model, 7)
     for index, prompt in enumerate(prompts):
@@ -64,7 +65,7 @@ def test_spare_rows_stay_within_max_bytes(tiny_genai_model: LanguageModel) -> No
     per_row = length * SharedBufferBatch(model.decoder).bytes_per_position
     shared = Recording(model.decoder, max_bytes=5 * per_row)
     shared.shapes = []
-    batch = ContinuousBatch(shared, max_batch=16)
+    batch = Scheduler(ModelRunner(shared), max_batch=16)
     outcomes = Outcomes()
     for index, prompt in enumerate(prompts):
         batch.admit(outcomes.request(str(index), prompt, 6))
@@ -90,7 +91,7 @@ def request(prompt_tokens: int, budget: int) -> SequenceRequest:
 
 
 def test_admission_counts_every_row_at_the_longest_length() -> None:
-    batch = ContinuousBatch(Counted(), max_batch=8, max_kv_bytes=10 * 3 * 100)  # type: ignore[arg-type]
+    batch = Scheduler(ModelRunner(Counted()), max_batch=8, max_kv_bytes=10 * 3 * 100)  # type: ignore[arg-type]
     first = request(60, 40)  # may grow to 100 positions
     assert batch.can_admit(first)
     assert batch.can_admit(request(10, 10), [first, request(50, 50)])  # 3 rows x 100
@@ -98,7 +99,7 @@ def test_admission_counts_every_row_at_the_longest_length() -> None:
     assert not batch.can_admit(request(60, 41), [first, request(1, 1)])  # 3 rows x 101
     # Alone, a sequence runs whatever it needs; rows still count.
     assert batch.can_admit(request(5000, 5000))
-    no_memory_bound = ContinuousBatch(Counted(), max_batch=2)  # type: ignore[arg-type]
+    no_memory_bound = Scheduler(ModelRunner(Counted()), max_batch=2)  # type: ignore[arg-type]
     assert not no_memory_bound.can_admit(request(1, 1), [first, request(1, 1)])
 
 
@@ -112,8 +113,8 @@ async def test_generations_beyond_the_kv_budget_wait_and_then_decode_exactly(tin
     longest = max(len(p) for p in prompts) + budget
     decode = new_batch(model.decoder)
     # Room for two rows at the longest length: the other four wait in the queue, none is refused.
-    batch = ContinuousBatch(decode, max_batch=16, max_kv_bytes=2 * longest * decode.bytes_per_position)
-    worker = ModelWorker("tiny", max_queue=16, batch=batch)
+    batch = Scheduler(ModelRunner(decode), max_batch=16, max_kv_bytes=2 * longest * decode.bytes_per_position)
+    worker = EngineLoop("tiny", max_queue=16, scheduler=batch)
     most = 0
     step = batch.step
 

@@ -11,12 +11,13 @@ import anyio
 import psutil
 import pytest
 
-from ai_platform.errors import ModelUnavailableError, OverloadedError, RequestValidationError
+from ai_platform.engine_contract import PromptTooLongError
+from ai_platform.errors import ModelUnavailableError, OverloadedError
 from ai_platform.operations import Message
-from ai_platform.runtime.generation import greedy_generate
 from ai_platform.runtime.model import LanguageModel
 from ai_platform.runtime.model_process import ModelProcess, _decode_error, _encode_error, describe_exit
 from ai_platform.runtime.served_model import ModelOptions
+from runtime_reference import greedy_generate
 
 pytestmark = pytest.mark.anyio
 
@@ -67,13 +68,16 @@ async def test_answers_equal_the_in_process_model(process: ModelProcess, tiny_mo
 
 
 async def test_client_errors_cross_the_process_boundary_as_themselves(process: ModelProcess) -> None:
-    with pytest.raises(RequestValidationError) as raised:
+    with pytest.raises(PromptTooLongError) as raised:
         await process.generate(messages("word " * 3000), 10)
-    [error] = raised.value.errors
-    assert error["type"] == "string_too_long" and "context window" in str(error["msg"])
+    assert raised.value.tokens > raised.value.most and "context window" in str(raised.value)
+    assert raised.value.errors[0]["type"] == "string_too_long"  # still the 422 it renders to
     assert process.loaded  # a client's error is not a crash
     overloaded = _decode_error(_encode_error(OverloadedError("busy", retry_after=3)))
     assert isinstance(overloaded, OverloadedError) and (overloaded.detail, overloaded.retry_after) == ("busy", 3)
+    too_long = _decode_error(_encode_error(PromptTooLongError(9, 4, operation="op", loc=["body", "text"])))
+    assert isinstance(too_long, PromptTooLongError)
+    assert (too_long.tokens, too_long.most, too_long.operation, too_long.loc) == (9, 4, "op", ["body", "text"])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL, signal.SIGABRT], ids=lambda s: s.name)

@@ -15,14 +15,15 @@ from ai_platform.runtime.generation import (
     NUCLEUS_CANDIDATES,
     Generated,
     Sampling,
-    greedy_generate,
     greedy_token,
     sample_token,
 )
 from ai_platform.runtime.kv_batch import new_batch
 from ai_platform.runtime.model import LanguageModel
-from ai_platform.runtime.scheduler import ContinuousBatch, SequenceRequest
+from ai_platform.runtime.model_runner import ModelRunner
+from ai_platform.runtime.scheduler import Scheduler, SequenceRequest
 from ai_platform.runtime.stop_strings import StopFilter, cut_at_stop
+from runtime_reference import greedy_generate
 
 LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03], dtype=np.float32))
 DRAWS = 20_000
@@ -120,7 +121,7 @@ def run_batch(model: LanguageModel, samplings: list[Sampling], budget: int = 12)
     """Each sampling's generation of one prompt, all in one continuous batch."""
     prompt = model.encode_prompt([Message("user", "Tell me a story about a fox.")])
     results: dict[int, Generated] = {}
-    batch = ContinuousBatch(new_batch(model.decoder), max_batch=8)
+    batch = Scheduler(ModelRunner(new_batch(model.decoder)), max_batch=8)
     for index, sampling in enumerate(samplings):
 
         def finish(result: Generated | None, error: BaseException | None, index: int = index) -> None:

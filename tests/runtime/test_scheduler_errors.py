@@ -20,11 +20,13 @@ from test_batching import Outcomes
 from ai_platform.errors import ModelUnavailableError
 from ai_platform.operations import Message
 from ai_platform.runtime import generation
-from ai_platform.runtime.generation import Generated, GenerationCancelled, greedy_generate
+from ai_platform.runtime.engine_loop import EngineLoop
+from ai_platform.runtime.generation import Generated, GenerationCancelled
 from ai_platform.runtime.kv_batch import DecodeBatch, Prefill, new_batch
 from ai_platform.runtime.model import LanguageModel
-from ai_platform.runtime.scheduler import ContinuousBatch, SequenceRequest
-from ai_platform.runtime.worker import ModelWorker
+from ai_platform.runtime.model_runner import ModelRunner
+from ai_platform.runtime.scheduler import Scheduler, SequenceRequest
+from runtime_reference import greedy_generate
 
 CHUNK = 4  # prompt tokens per prefill step in these tests: a prompt takes many steps
 NO_EOS: frozenset[int] = frozenset()
@@ -56,7 +58,7 @@ def alone(model: LanguageModel, prompt: Sequence[int], budget: int) -> Generated
     return greedy_generate(model.decoder, prompt, max_new_tokens=budget, eos_ids=NO_EOS)
 
 
-def step_until(batch: ContinuousBatch, condition: Callable[[], bool], *, most: int = 2000) -> None:
+def step_until(batch: Scheduler, condition: Callable[[], bool], *, most: int = 2000) -> None:
     """Step until ``condition()``; a batch that never gets there fails instead of hanging."""
     for _ in range(most):
         if condition():
@@ -102,14 +104,14 @@ class Faulty:
         self.inner.remove(row)
 
 
-def start_decoding(batch: ContinuousBatch, outcomes: Outcomes, prompt: Sequence[int], budget: int) -> SequenceRequest:
+def start_decoding(batch: Scheduler, outcomes: Outcomes, prompt: Sequence[int], budget: int) -> SequenceRequest:
     request = outcomes.request("decoding", prompt, budget)
     batch.admit(request)
     step_until(batch, lambda: bool(request.tokens))
     return request
 
 
-# -- ContinuousBatch ------------------------------------------------------------------------
+# -- Scheduler ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("chunks_before_cancel", [0, 1, 3])
@@ -118,7 +120,7 @@ def test_a_sequence_cancelled_while_prefilling_leaves_without_joining(
 ) -> None:
     outcomes = Outcomes()
     kv = Faulty(new_batch(tiny_model.decoder))
-    batch = ContinuousBatch(kv, max_batch=4)  # type: ignore[arg-type]
+    batch = Scheduler(ModelRunner(kv), max_batch=4)  # type: ignore[arg-type]
     decoding = start_decoding(batch, outcomes, short_prompt, BUDGET)
     arriving = outcomes.request("arriving", long_prompt, 10)
     batch.admit(arriving)
@@ -140,7 +142,7 @@ def test_a_failing_prefill_fails_only_its_sequence(
 ) -> None:
     outcomes = Outcomes()
     kv = Faulty(new_batch(tiny_model.decoder), fail_prefill=[len(long_prompt)])
-    batch = ContinuousBatch(kv, max_batch=4)  # type: ignore[arg-type]
+    batch = Scheduler(ModelRunner(kv), max_batch=4)  # type: ignore[arg-type]
     start_decoding(batch, outcomes, short_prompt, BUDGET)
     batch.admit(outcomes.request("broken", long_prompt, 10))
     step_until(batch, lambda: outcomes.done("broken"))
@@ -161,7 +163,7 @@ def test_a_failing_join_fails_only_its_sequence(
 ) -> None:
     outcomes = Outcomes()
     kv = Faulty(new_batch(tiny_model.decoder), fail_join=[len(long_prompt)])
-    batch = ContinuousBatch(kv, max_batch=4)  # type: ignore[arg-type]
+    batch = Scheduler(ModelRunner(kv), max_batch=4)  # type: ignore[arg-type]
     start_decoding(batch, outcomes, short_prompt, BUDGET)
     batch.admit(outcomes.request("broken", long_prompt, 10))
     step_until(batch, lambda: outcomes.done("broken"))
@@ -181,7 +183,7 @@ def test_fail_all_ends_decoding_and_prefilling_sequences(
 ) -> None:
     outcomes = Outcomes()
     kv = Faulty(new_batch(tiny_model.decoder))
-    batch = ContinuousBatch(kv, max_batch=4)  # type: ignore[arg-type]
+    batch = Scheduler(ModelRunner(kv), max_batch=4)  # type: ignore[arg-type]
     start_decoding(batch, outcomes, short_prompt, BUDGET)
     batch.admit(outcomes.request("prefilling", long_prompt, 10))
     batch.step()
@@ -192,14 +194,14 @@ def test_fail_all_ends_decoding_and_prefilling_sequences(
     assert batch.active == 0 and kv.size == 0
 
 
-# -- ModelWorker ------------------------------------------------------------------------------
+# -- EngineLoop --------------------------------------------------------------------------------
 
 
-class WatchedBatch(ContinuousBatch):
-    """A ContinuousBatch that records admitted requests and can hold its thread after a step."""
+class WatchedScheduler(Scheduler):
+    """A Scheduler that records admitted requests and can hold its thread after a step."""
 
-    def __init__(self, model: LanguageModel, hold_when: Callable[[WatchedBatch], bool] = lambda b: False) -> None:
-        super().__init__(new_batch(model.decoder), max_batch=8)
+    def __init__(self, model: LanguageModel, hold_when: Callable[[WatchedScheduler], bool] = lambda b: False) -> None:
+        super().__init__(ModelRunner(new_batch(model.decoder)), max_batch=8)
         self.admitted: list[SequenceRequest] = []
         self.hold_when = hold_when
         self.held = threading.Event()
@@ -226,11 +228,11 @@ async def until(condition: Callable[[], bool], seconds: float = 10) -> None:
 async def test_close_fails_decoding_and_prefilling_sequences(
     tiny_model: LanguageModel, short_prompt: list[int], long_prompt: list[int]
 ) -> None:
-    def decoding_and_prefilling(batch: WatchedBatch) -> bool:
+    def decoding_and_prefilling(batch: WatchedScheduler) -> bool:
         return len(batch.admitted) == 2 and bool(batch.admitted[0].tokens) and not batch.admitted[1].tokens
 
-    batch = WatchedBatch(tiny_model, hold_when=decoding_and_prefilling)
-    worker = ModelWorker("m", max_queue=4, batch=batch)
+    batch = WatchedScheduler(tiny_model, hold_when=decoding_and_prefilling)
+    worker = EngineLoop("m", max_queue=4, scheduler=batch)
     decoding = asyncio.ensure_future(worker.generate(short_prompt, 500, NO_EOS))
     await until(lambda: len(batch.admitted) == 1 and bool(batch.admitted[0].tokens))
     prefilling = asyncio.ensure_future(worker.generate(long_prompt, 10, NO_EOS))
@@ -252,8 +254,8 @@ async def test_close_fails_decoding_and_prefilling_sequences(
 async def test_a_request_cancelled_in_the_queue_never_reaches_the_batch(
     tiny_model: LanguageModel, short_prompt: list[int], long_prompt: list[int]
 ) -> None:
-    batch = WatchedBatch(tiny_model)
-    worker = ModelWorker("m", max_queue=4, batch=batch)
+    batch = WatchedScheduler(tiny_model)
+    worker = EngineLoop("m", max_queue=4, scheduler=batch)
     started, release = threading.Event(), threading.Event()
 
     def occupy(should_stop: Callable[[], bool]) -> None:  # a job runs alone: sequences behind it wait

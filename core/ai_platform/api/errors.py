@@ -35,10 +35,24 @@ def status_for(exc: BaseException) -> int:
     return 500
 
 
-def platform_error(request: Request[Any, Any, Any], exc: PlatformError) -> Response[Any]:
+def validation_body(errors: list[dict[str, object]]) -> dict[str, Any]:
+    """The seed's 422 body: ``{"error": "Request validation failed.", "detail": [{"type", "loc", "msg", "input"}]}``."""
+    return {"error": VALIDATION_MESSAGE, "detail": errors}
+
+
+def error_body(exc: PlatformError) -> dict[str, Any]:
+    """The seed's body for ``exc``, whether it answers a request or ends a stream (``api/streaming.py``).
+
+    A :class:`RequestValidationError` (``PromptTooLongError`` included) has the 422 body, every
+    other error ``{"detail": "..."}``; ``/v1`` maps this to OpenAI's format (``api/openai_compat.py``).
+    """
     if isinstance(exc, RequestValidationError):
-        return _json(422, {"error": VALIDATION_MESSAGE, "detail": exc.errors})
-    return _json(exc.status_code, {"detail": exc.detail}, exc.headers or None)
+        return validation_body(exc.errors)
+    return {"detail": exc.detail}
+
+
+def platform_error(request: Request[Any, Any, Any], exc: PlatformError) -> Response[Any]:
+    return _json(exc.status_code, error_body(exc), exc.headers or None)
 
 
 def validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
@@ -54,7 +68,7 @@ def validation_error(request: Request[Any, Any, Any], exc: ValidationException) 
         for e in extra
         if isinstance(e, dict)
     ] or [{"type": "value_error", "loc": [], "msg": exc.detail, "input": None}]
-    return _json(422, {"error": VALIDATION_MESSAGE, "detail": details})
+    return _json(422, validation_body(details))
 
 
 def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:

@@ -35,9 +35,10 @@ from ai_platform import chat
 from ai_platform.api.auth import Principal
 from ai_platform.api.disconnect import cancel_on_disconnect
 from ai_platform.api.errors import EXCEPTION_HANDLERS as APP_EXCEPTION_HANDLERS
+from ai_platform.api.errors import error_body
+from ai_platform.engine_contract import Engine, PromptTooLongError
 from ai_platform.errors import NotFoundError, PlatformError, RequestValidationError
-from ai_platform.services.operation_service import OperationService
-from ai_platform.services.orchestration import Engine, Outcome
+from ai_platform.services.orchestration import OrchestrationService, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def _error_body(exc: BaseException) -> tuple[int, ErrorBody, dict[str, str]]:
     headers: dict[str, str] = {}
     if isinstance(exc, RequestValidationError):
         status = 400
-        first = exc.errors[0]
+        first = error_body(exc)["detail"][0]  # the seed's 422 body, in OpenAI's terms
         where = first.get("loc")
         param = ".".join(str(part) for part in where[1:]) if isinstance(where, list) else ""
         param = param or None
@@ -160,7 +161,7 @@ def _error_body(exc: BaseException) -> tuple[int, ErrorBody, dict[str, str]]:
         message = str(first.get("msg"))
         if code == "extra_forbidden":
             message = f"Unrecognized request argument supplied: {param}"
-        elif code == "string_too_long" and message.startswith("Input is too long"):
+        elif isinstance(exc, PromptTooLongError):  # the model's context window, or the operation's token limit
             code = "context_length_exceeded"
         elif param is not None and not message.startswith(param):
             message = f"{param}: {message}"
@@ -265,7 +266,7 @@ async def _chunks(
         await events.aclose()
 
 
-def openai_router(service: OperationService, engine: Engine) -> Router:
+def openai_router(service: OrchestrationService, engine: Engine) -> Router:
     """``/v1``'s routes, over the ``chat`` operation (which must be loaded)."""
     operation = service.get(chat.NAME)
     started = int(time.time())
@@ -293,7 +294,7 @@ def openai_router(service: OperationService, engine: Engine) -> Router:
         body = _as_operation_request(data)
         created = int(time.time())
         if data.stream:
-            opened = service.open_stream(operation.name, body, key_id=caller.key_id)
+            opened = service.open_stream(operation, body, key_id=caller.key_id)
             rate_limit, events = await cancel_on_disconnect(request, opened)  # refusals: plain JSON errors
             include_usage = data.stream_options is not None and data.stream_options.include_usage
             template = ChatCompletionChunk(
@@ -301,7 +302,7 @@ def openai_router(service: OperationService, engine: Engine) -> Router:
             )
             chunks = _chunks(request, events, template, include_usage)
             return ServerSentEvent(chunks, headers={**rate_limit.headers(), "X-Request-Id": completion_id})  # type: ignore[return-value]
-        outcome = await cancel_on_disconnect(request, service.execute(operation.name, body, key_id=caller.key_id))
+        outcome = await cancel_on_disconnect(request, service.run(operation, body, key_id=caller.key_id))
         request.state.output_tokens = outcome.output_tokens
         response: chat.ChatResponse = outcome.response
         completion = ChatCompletion(

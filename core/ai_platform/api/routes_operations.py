@@ -15,7 +15,7 @@ from ai_platform.api.openapi_responses import operation_documented
 from ai_platform.api.streaming import sse_events, streamable, wants_stream, without_stream
 from ai_platform.api.validation import shorten
 from ai_platform.operations import NAME_PATTERN, Operation
-from ai_platform.services.operation_service import OperationService
+from ai_platform.services.orchestration import OrchestrationService
 
 UNAVAILABLE = (
     503,
@@ -24,7 +24,7 @@ UNAVAILABLE = (
 )
 
 
-def operation_route(operation: Operation, service: OperationService) -> HTTPRouteHandler:  # type: ignore[type-arg]
+def operation_route(operation: Operation, service: OrchestrationService) -> HTTPRouteHandler:
     """Build the route handler of one operation."""
 
     body_type = streamable(operation.request_type)
@@ -34,10 +34,10 @@ def operation_route(operation: Operation, service: OperationService) -> HTTPRout
         caller: Principal = request.user
         body = without_stream(data, operation.request_type)
         if wants_stream(request, data):
-            opened = service.open_stream(operation.name, body, key_id=caller.key_id)
+            opened = service.open_stream(operation, body, key_id=caller.key_id)
             rate_limit, events = await cancel_on_disconnect(request, opened)  # refusals: plain JSON, as always
             return ServerSentEvent(sse_events(request, events), headers=rate_limit.headers())
-        outcome = await cancel_on_disconnect(request, service.execute(operation.name, body, key_id=caller.key_id))
+        outcome = await cancel_on_disconnect(request, service.run(operation, body, key_id=caller.key_id))
         request.state.output_tokens = outcome.output_tokens
         return Response(outcome.response, headers=outcome.rate_limit.headers())
 
@@ -60,7 +60,7 @@ def operation_route(operation: Operation, service: OperationService) -> HTTPRout
     )(handler)
 
 
-def unknown_operation_route(service: OperationService) -> HTTPRouteHandler:
+def unknown_operation_route(service: OrchestrationService) -> HTTPRouteHandler:
     """Any other ``/operations/{name}``: a 404 that lists what exists."""
 
     @post("/operations/{name:str}", status_code=200, include_in_schema=False)

@@ -8,9 +8,9 @@ from litestar.handlers import HTTPRouteHandler
 from ai_platform.api.auth import admin_only
 from ai_platform.api.openapi_responses import documented
 from ai_platform.api.schemas import OperationEntry, OperationsResponse, PluginEntry, PluginsResponse
+from ai_platform.engine_contract import Engine
+from ai_platform.limits.service import LimitService
 from ai_platform.plugins import LoadedPlugins, describe
-from ai_platform.services.orchestration import Engine
-from ai_platform.usage.limit_service import LimitService
 
 
 def introspection_routes(plugins: LoadedPlugins, engine: Engine, limits: LimitService) -> list[HTTPRouteHandler]:

@@ -1,4 +1,4 @@
-"""System endpoints: ``/health``, ``/limits``, ``/limits/usage``."""
+"""System endpoints: ``/health`` (``HEAD`` too)."""
 
 from __future__ import annotations
 
@@ -10,35 +10,27 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import psutil
-from litestar import Request, Router, get, head, put
-from litestar.handlers import HTTPRouteHandler
-from litestar.params import FromQuery, JSONBody
+from litestar import Request, Router, get, head
+from litestar.params import FromQuery
 
-from ai_platform.api.auth import API_KEY_HEADER, KeyRing, admin_only
+from ai_platform.api.auth import API_KEY_HEADER, KeyRing, presented_key
 from ai_platform.api.openapi_responses import documented
 from ai_platform.api.schemas import (
     AdminHealthResponse,
     HealthResponse,
-    LimitEntry,
-    LimitsResponse,
-    LimitUpdate,
     ModelAgreement,
     ModelHealth,
     PluginHealth,
     PublicModelHealth,
-    UsageEntry,
-    UsageResponse,
 )
-from ai_platform.api.validation import not_one_of
 from ai_platform.errors import AuthenticationError
 from ai_platform.export.model_folder import read_export_record
 from ai_platform.plugins import LoadedPlugins
-from ai_platform.services.orchestration import iso_timestamp
-from ai_platform.usage.database import database_status
-from ai_platform.usage.limit_service import LimitInfo, LimitService
+from ai_platform.timestamps import iso_timestamp
 
 if TYPE_CHECKING:
-    from ai_platform.engine_contract import ModelStatus
+    from ai_platform.engine_contract import Engine, ModelStatus
+    from ai_platform.usage.database import Database
 
 MB = 1024 * 1024
 
@@ -98,80 +90,26 @@ def _model_health(status: ModelStatus) -> ModelHealth:
     )
 
 
-def _limit_entry(info: LimitInfo) -> LimitEntry:
-    return LimitEntry(
-        operation=info.operation,
-        daily_limit=info.daily_limit,
-        max_input_chars=info.max_input_chars,
-        max_output_tokens=info.max_output_tokens,
-        max_input_tokens=info.max_input_tokens,
-    )
-
-
-def limit_routes(limits: LimitService) -> list[HTTPRouteHandler]:
-    @get("/limits", tags=["limits"], summary="Limits of every operation.", **documented(403, 500, 503))
-    async def get_limits() -> LimitsResponse:
-        return LimitsResponse(limits=[_limit_entry(i) for i in await limits.limits()])
-
-    @put(
-        "/limits",
-        tags=["limits"],
-        summary="Change an operation's daily limit (admin key).",
-        guards=[admin_only],
-        opt={"body_type": LimitUpdate},
-        **documented(403, 413, 415, 422, 500, 503),
-    )
-    async def put_limits(data: JSONBody[LimitUpdate]) -> LimitEntry:
-        if data.operation not in limits.operations:
-            raise not_one_of("operation", limits.operations, data.operation)
-        return _limit_entry(await limits.set_daily_limit(data.operation, data.daily_limit))
-
-    @get("/limits/usage", tags=["limits"], summary="Today's usage of every operation.", **documented(403, 500, 503))
-    async def get_usage() -> UsageResponse:
-        rows = await limits.usage()
-        return UsageResponse(
-            usage=[
-                UsageEntry(
-                    operation=r.operation,
-                    date=r.date.isoformat(),
-                    request_count=r.request_count,
-                    total_tokens=r.total_tokens,
-                    daily_limit=r.daily_limit,
-                    remaining=r.remaining,
-                )
-                for r in rows
-            ],
-            generated_at=iso_timestamp(datetime.now(UTC)),
-        )
-
-    return [get_limits, put_limits, get_usage]
-
-
-def health_route(engine: Any, plugins: LoadedPlugins, keyring: KeyRing | None = None) -> Router:
+def health_route(engine: Engine, plugins: LoadedPlugins, database: Database, keyring: KeyRing) -> Router:
     """``GET /health`` (no key; details with an admin key) and ``HEAD /health`` (load balancers).
 
     Anyone sees what the seed guide's example shows: status, uptime, memory, CPU, each
     model's name, ``loaded`` and path. Load errors, providers, failed plugins and the
     database's error text are internals (paths, library messages, exception text): only
     a request with an admin key in ``X-API-Key`` gets them. A missing, wrong or client key
-    gets the public view, never a 403: monitoring needs no key. ``keyring`` defaults to the
-    app's own (``PlatformPlugin.keyring``).
+    gets the public view, never a 403: monitoring needs no key. ``database`` is the app's usage
+    database (its state, for admins); ``keyring`` tells an admin key (``X-API-Key`` or ``Authorization: Bearer``).
     """
     started = time.monotonic()
     process = psutil.Process(os.getpid())
     psutil.cpu_percent(interval=None)  # the first reading is meaningless; prime it
 
     def is_admin(request: Request[Any, Any, Any]) -> bool:
-        key = request.headers.get(API_KEY_HEADER)
+        key = presented_key(request.headers.get(API_KEY_HEADER), request.headers.get("authorization"))
         if not key:
             return False
-        ring = keyring
-        if ring is None:
-            from ai_platform.app import PlatformPlugin  # the app module imports this one
-
-            ring = request.app.plugins.get(PlatformPlugin).keyring
         try:
-            return ring.authenticate(key).is_admin
+            return keyring.authenticate(key).is_admin
         except AuthenticationError:
             return False
 
@@ -195,7 +133,7 @@ def health_route(engine: Any, plugins: LoadedPlugins, keyring: KeyRing | None = 
         memory = psutil.virtual_memory()
         statuses = engine.status()
         problems = plugins.problems
-        db = await database_status()
+        db = await database.status()
         healthy = all(s.loaded for s in statuses) and not problems and db.available
         healthy = healthy and all(c.passed for c in checks or ())
         status = "healthy" if healthy else "degraded"

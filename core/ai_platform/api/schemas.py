@@ -1,43 +1,9 @@
-"""Request/response schemas of the system endpoints (operations bring their own)."""
+"""Request/response schemas of the system endpoints: health, operations, plugins (operations bring their own;
+limits and quotas are in ``ai_platform.limits.schemas``)."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import msgspec
-
-
-class LimitEntry(msgspec.Struct, kw_only=True):
-    operation: str
-    daily_limit: int
-    max_input_chars: int
-    max_output_tokens: int
-    max_input_tokens: int | None  # the prompt, in the model's tokens; None: the model's context window
-
-
-class LimitsResponse(msgspec.Struct, kw_only=True):
-    limits: list[LimitEntry]
-
-
-class LimitUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """``PUT /limits`` body. A daily limit of 0 stops an operation until raised again."""
-
-    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    daily_limit: Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
-
-
-class UsageEntry(msgspec.Struct, kw_only=True):
-    operation: str
-    date: str
-    request_count: int
-    total_tokens: int
-    daily_limit: int
-    remaining: int
-
-
-class UsageResponse(msgspec.Struct, kw_only=True):
-    usage: list[UsageEntry]
-    generated_at: str
 
 
 class PublicModelHealth(msgspec.Struct, kw_only=True):
@@ -111,7 +77,7 @@ class OperationEntry(msgspec.Struct, kw_only=True):
     model: str
     daily_limit: int  # today's, as GET /limits shows it (PUT /limits changes it)
     max_input_chars: int
-    max_output_tokens: int
+    max_output_tokens: int | None  # None: the operation only chooses among options (it generates nothing)
     max_input_tokens: int | None
     schema: str
 

@@ -27,8 +27,8 @@ from litestar import Request
 from litestar.response import ServerSentEventMessage
 from msgspec import UNSET, UnsetType
 
-from ai_platform.api.errors import VALIDATION_MESSAGE
-from ai_platform.errors import PlatformError, RequestValidationError
+from ai_platform.api.errors import error_body
+from ai_platform.errors import PlatformError
 from ai_platform.services.orchestration import Outcome
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,8 @@ def _json(value: Any) -> str:
 
 
 def _error_body(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, RequestValidationError):
-        return {"status": 422, "error": VALIDATION_MESSAGE, "detail": exc.errors}
     if isinstance(exc, PlatformError):
-        return {"status": exc.status_code, "detail": exc.detail}
+        return {"status": exc.status_code, **error_body(exc)}
     log.exception("stream failed", exc_info=exc)
     return {"status": 500, "detail": "Internal server error."}
 

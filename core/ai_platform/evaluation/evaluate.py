@@ -106,7 +106,7 @@ def plan(
 
 
 async def evaluate(
-    operations: Mapping[str, Operation],  # type: ignore[type-arg]
+    operations: Mapping[str, Operation],
     work: Sequence[tuple[ModelTarget, Sequence[str]]],
     engine_factory: EngineFactory,
     hooks: Hooks | None = None,
@@ -167,7 +167,7 @@ async def evaluate(
 
 
 def total_examples(
-    operations: Mapping[str, Operation],  # type: ignore[type-arg]
+    operations: Mapping[str, Operation],
     work: Sequence[tuple[ModelTarget, Sequence[str]]],
     split: Split,
     limit: int | None,

@@ -19,7 +19,7 @@ def example_id(example: Example, index: int) -> str:
 
 
 def select_examples(
-    operation: Operation,  # type: ignore[type-arg]
+    operation: Operation,
     split: Split = "all",
     limit: int | None = None,
 ) -> list[tuple[str, Example]]:
@@ -43,7 +43,7 @@ def select_examples(
     return chosen
 
 
-def check_examples(operation: Operation) -> tuple[Example, ...]:  # type: ignore[type-arg]
+def check_examples(operation: Operation) -> tuple[Example, ...]:
     """The operation's examples, after checking each against the operation's own schemas.
 
     Every ``request`` must validate against ``request_type``; every ``expected`` key must be a

@@ -2,7 +2,8 @@
 
 Used by ``ai-platform selftest`` (its own engine, built from the settings exactly as ``serve``
 builds it) and ``GET /health?deep=true`` (the running server's engine). "Pass" means the
-operation answered as a 200 would (the plugins' hooks, the engine's check, the model, the
+operation answered as a 200 would: its example ran through the orchestrator as a request
+does (``evaluation/runner.py``: the plugins' hooks, the engine's check, the model, the
 response validated against the operation's schema) and, for a :class:`Choose` operation, that
 each expected field of the example (``label`` for ``classify``) holds one of the options offered
 (the categories). It says nothing of quality: that is ``ai-platform eval``. Generation is capped
@@ -15,8 +16,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+from ai_platform.engine_contract import Engine
 from ai_platform.evaluation.examples import first_example
 from ai_platform.evaluation.runner import Hooks, run_example
 from ai_platform.operations import Choose, Operation
@@ -42,8 +44,8 @@ class SelfTestResult:
 
 
 async def check_operation(
-    operation: Operation,  # type: ignore[type-arg]
-    engine: Any,
+    operation: Operation,
+    engine: Engine,
     hooks: Hooks | None = None,
     *,
     max_output_tokens: int = MAX_OUTPUT_TOKENS,
@@ -83,8 +85,8 @@ async def check_operation(
 
 
 async def selftest(
-    operations: Mapping[str, Operation],  # type: ignore[type-arg]
-    engine: Any,
+    operations: Mapping[str, Operation],
+    engine: Engine,
     hooks: Hooks | None = None,
     *,
     max_output_tokens: int = MAX_OUTPUT_TOKENS,

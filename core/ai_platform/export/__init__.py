@@ -1,8 +1,10 @@
 """Offline export of Hugging Face models to the ONNX folders the server loads.
 
 Runs in its own environment (torch, transformers, optimum), never in the server's,
-so nothing here imports other ``ai_platform`` modules. The server reads only what an
-export recorded, through ``model_folder.read_export_record`` (numpy at most).
+so it imports from the rest of ``ai_platform`` only what needs no server dependency:
+``runtime.manifest`` (the sha256 manifest, standard library) and ``runtime.scheduler``'s
+``finish_reason`` (the one stop check, numpy). The server reads only what an export
+recorded, through ``model_folder.read_export_record``.
 """
 
 import os

@@ -1,13 +1,14 @@
 """The exported model folder: required files, build stamp, locking and atomic publishing.
 
 The server reads build stamps too (``read_export_record``), so at import this module needs only what the
-server has: no torch, onnx or tqdm (the progress bars, imported where a build needs them).
+server has: no torch, onnx or tqdm (the progress bars, imported where a build needs them). The manifest's
+format and hashing are the runtime's (``ai_platform.runtime.manifest``, which checks a folder against it
+at load); this module writes it.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -17,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ai_platform.export.agreement import Agreement, Threshold
+from ai_platform.runtime.manifest import MANIFEST, sha256_of
 
 STAMP = "export.json"
-# Read by the runtime (ai_platform.runtime.manifest), which refuses a folder that differs from it.
-MANIFEST = "manifest.json"
 REQUIRED_FILES = (
     "config.json",
     "generation_config.json",
@@ -104,12 +104,7 @@ def write_manifest(folder: Path) -> None:
     files = {}
     with bar("sha256", sum(path.stat().st_size for path in paths), "B") as hashed:
         for path in paths:
-            digest = hashlib.sha256()
-            with path.open("rb") as file:
-                while chunk := file.read(1 << 20):
-                    digest.update(chunk)
-                    hashed.update(len(chunk))
-            files[path.name] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+            files[path.name] = {"size": path.stat().st_size, "sha256": sha256_of(path, hashed.update)}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
 
 

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ai_platform.export.agreement import MIN_POSITIONS, Agreement, ValidationFailed, measure
 from ai_platform.export.calibration import TEXT
 from ai_platform.export.progress import bar
+from ai_platform.runtime.scheduler import finish_reason
 
 # Enough single steps to cover the KV cache of both graph kinds (past read, present written, positions).
 DECODE_STEPS = 32
@@ -119,7 +120,11 @@ class _OnnxDecoder:
 
     def greedy(self, prompt_ids: list[int]) -> list[int]:
         """``NEW_TOKENS`` greedy ids after ``prompt_ids`` (not stopping at an end-of-sequence token)."""
-        tokens = [int(self.run(prompt_ids)[-1].argmax())]
-        while len(tokens) < NEW_TOKENS:
-            tokens.append(int(self.run(tokens[-1:])[-1].argmax()))
-        return tokens
+        tokens: list[int] = []
+        logits = self.run(prompt_ids)[-1]
+        while True:
+            tokens.append(int(logits.argmax()))
+            # The runtime's stop check, with no eos ids: the answer ends on its length alone.
+            if finish_reason(tokens[-1], len(tokens), NEW_TOKENS, eos_ids=()) is not None:
+                return tokens
+            logits = self.run(tokens[-1:])[-1]

@@ -14,10 +14,9 @@ from ai_platform.errors import ConfigurationError, ModelUnavailableError
 from ai_platform.operations import Choice, Choose, Completion, Generate
 from ai_platform.runtime.generation import Sampling
 from ai_platform.runtime.model_process import ModelProcess
-from ai_platform.runtime.onnx_model import EXECUTION_PROVIDERS
 from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES
 from ai_platform.runtime.served_model import DEFAULT_KV_CACHE_BYTES, InProcessModel, ModelOptions, ServedModel
-from ai_platform.settings import Settings
+from ai_platform.settings import EXECUTION_PROVIDERS, ExecutionProvider, Settings
 
 MODEL_ISOLATIONS = ("process", "thread")
 
@@ -70,7 +69,7 @@ class InferenceEngine:
         models_dir: Path,
         operation_models: Mapping[str, str],
         *,
-        execution_provider: str = "auto",
+        execution_provider: ExecutionProvider = "auto",
         max_queue: int = 32,
         intra_op_threads: int | None = None,
         max_batch: int = 16,
@@ -78,6 +77,7 @@ class InferenceEngine:
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         isolation: str = "process",
     ) -> None:
+        # Settings checks EXECUTION_PROVIDER as it reads it; this is for callers that build an engine themselves.
         if execution_provider not in EXECUTION_PROVIDERS:
             choices = ", ".join(EXECUTION_PROVIDERS)
             raise ConfigurationError(f"execution provider must be one of {choices}, not {execution_provider!r}")
@@ -181,7 +181,7 @@ class InferenceEngine:
     async def check(self, operation: str, call: Generate | Choose) -> int:
         """The prompt's length in tokens, without running the model (the tokenizer runs in this process).
 
-        Raises :class:`RequestValidationError` when it leaves no room in the model's context
+        Raises :class:`PromptTooLongError` when it leaves no room in the model's context
         to answer, and :class:`ModelUnavailableError` when the operation's model is not loaded,
         so that both are known before a request is admitted and counted.
         """
@@ -196,10 +196,8 @@ class InferenceEngine:
         return len(prompt)
 
     async def generate(self, operation: str, call: Generate, *, max_output_tokens: int) -> Completion:
-        """Completion of ``call.messages`` (greedy unless sampled); ``call.max_output_tokens`` may only lower the limit."""
+        """Completion of ``call.messages`` (greedy unless sampled), at most ``max_output_tokens`` long (the final cap)."""
         model = self._loaded(operation)
-        if call.max_output_tokens is not None:
-            max_output_tokens = min(max_output_tokens, call.max_output_tokens)
         return await model.generate(call.messages, max_output_tokens, _sampling(call), list(call.stop))
 
     def stream(
@@ -210,8 +208,6 @@ class InferenceEngine:
         Closing the iterator before its end cancels the generation.
         """
         model = self._loaded(operation)
-        if call.max_output_tokens is not None:
-            max_output_tokens = min(max_output_tokens, call.max_output_tokens)
         return model.stream(call.messages, max_output_tokens, _sampling(call), list(call.stop))
 
     async def choose(self, operation: str, call: Choose) -> Choice:

@@ -1,9 +1,14 @@
-"""Decoding (greedy, or sampled: :class:`Sampling`) and option scoring over an :class:`OnnxDecoder` with a KV cache."""
+"""What a generation is made of, over an :class:`OnnxDecoder` with a KV cache: token picking, prefill, option scoring.
+
+How a generation picks tokens (greedy, or sampled: :class:`Sampling`), its result (:class:`Generated`), a
+prompt's chunked prefill, and the log-likelihoods of a choice's options. Batching, and the one stop check,
+are the scheduler's (``scheduler``).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -156,7 +161,7 @@ def prefill_chunks(
 T = TypeVar("T")
 
 # Work in slices: each ``next()`` runs one forward pass (a prefill chunk, an options pass),
-# so the model's worker can interleave it with other work; the value comes with StopIteration.
+# so the model's engine loop can interleave it with other work; the value comes with StopIteration.
 Steps = Generator[None, None, T]
 
 
@@ -180,57 +185,6 @@ def prefill(
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """All of :func:`prefill_chunks` at once, checking ``should_stop`` before each chunk."""
     return run_steps(prefill_chunks(model, prompt, cache), should_stop)
-
-
-def greedy_generate(
-    model: OnnxDecoder,
-    prompt: Sequence[int],
-    *,
-    max_new_tokens: int,
-    eos_ids: Collection[int],
-    should_stop: Callable[[], bool] = lambda: False,
-) -> Generated:
-    """Greedy decoding: prefill the prompt once, then one token per step through the KV cache.
-
-    Stops at an eos token, after ``max_new_tokens`` tokens, or at the model's
-    context size. Raises :class:`GenerationCancelled` once ``should_stop()`` is true.
-    """
-    length = len(prompt)
-    budget = min(max_new_tokens, model.max_positions - length)
-    tokens: list[int] = []
-    if budget <= 0:
-        return Generated(tokens, "length")
-    logits, past = prefill(model, prompt, should_stop)
-    while True:
-        token = int(np.argmax(logits))
-        if token in eos_ids:
-            return Generated(tokens, "stop")
-        tokens.append(token)
-        if len(tokens) >= budget:
-            return Generated(tokens, "length")
-        if should_stop():
-            raise GenerationCancelled
-        position = length + len(tokens) - 1
-        step_logits, past = model.forward(
-            np.asarray([[token]], dtype=np.int64),
-            _ones(position + 1),
-            np.asarray([[position]], dtype=np.int64),
-            past,
-            keep_logits=1,
-        )
-        logits = step_logits[0, -1]
-
-
-def score_options(
-    model: OnnxDecoder,
-    prompt: Sequence[int],
-    options: Sequence[Sequence[int]],
-    *,
-    should_stop: Callable[[], bool] = lambda: False,
-    cache: PrefixCache | None = None,
-) -> list[float]:
-    """All of :func:`option_log_likelihoods_steps` at once, checking ``should_stop`` before each pass."""
-    return run_steps(option_log_likelihoods_steps(model, prompt, options, cache=cache), should_stop)
 
 
 def option_log_likelihoods_steps(

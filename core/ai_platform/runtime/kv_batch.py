@@ -1,8 +1,9 @@
 """KV caches of a changing set of sequences that decode together, one token per row per step.
 
-A sequence's prompt is prefilled alone (``prefill``, chunk by chunk, reusing the prefix
-cache's positions) and merged in as the last row (``join``); sequences leave with
-``remove`` (the last row moves into the freed one), so rows stay packed.
+What the model runner (``model_runner``) executes on: each layout holds the batch's caches and
+feeds them to the graph the way its shape needs (``step``). A sequence's prompt is prefilled alone
+(``prefill``, chunk by chunk, reusing the prefix cache's positions) and merged in as the last row
+(``join``); sequences leave with ``remove`` (the last row moves into the freed one), so rows stay packed.
 Two layouts, one per graph shape (see ``onnx_model``):
 
 * :class:`PaddedBatch` (optimum graphs): left-padded KV, re-padded when a longer sequence
@@ -80,7 +81,7 @@ def _pad_left(array: np.ndarray, axis: int, length: int) -> np.ndarray:
     return np.pad(array, widths)
 
 
-class _Prefilling:
+class _DecodeBatchBase:
     """What both layouts share: a prompt is prefilled alone, the same way, before it joins."""
 
     def __init__(self, decoder: OnnxDecoder, cache: PrefixCache | None) -> None:
@@ -93,7 +94,7 @@ class _Prefilling:
         return prefill_chunks(self._decoder, prompt, self._cache)
 
 
-class PaddedBatch(_Prefilling):
+class PaddedBatch(_DecodeBatchBase):
     """Left-padded batch over an optimum graph (attention mask + explicit positions)."""
 
     def __init__(self, decoder: OnnxDecoder, cache: PrefixCache | None = None) -> None:
@@ -140,7 +141,7 @@ class PaddedBatch(_Prefilling):
             self._past = [layer[:, :, start:] for layer in self._past]
 
 
-class SharedBufferBatch(_Prefilling):
+class SharedBufferBatch(_DecodeBatchBase):
     """Right-padded batch over a GroupQueryAttention graph, decoding in place in shared buffers."""
 
     def __init__(

@@ -7,13 +7,14 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ai_platform.errors import RequestValidationError
+from ai_platform.engine_contract import PromptTooLongError
 from ai_platform.operations import Choice, Completion, Message
 from ai_platform.runtime.generation import Generated, Steps, option_log_likelihoods_steps, run_steps
 from ai_platform.runtime.manifest import verify_manifest
 from ai_platform.runtime.onnx_model import OnnxDecoder
 from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 from ai_platform.runtime.tokenizer import ChatTokenizer
+from ai_platform.settings import ExecutionProvider
 
 
 def _eos_ids(generation_config: Path) -> list[int]:
@@ -54,13 +55,10 @@ class PromptEncoder:
         """Reject a prompt that leaves fewer than ``reserved`` positions of context for the answer."""
         most = self.max_positions - reserved
         if prompt_tokens > most:
-            raise RequestValidationError.one(
-                "string_too_long",
-                f"Input is too long for the model's context window ({prompt_tokens} tokens; at most {max(most, 0)}).",
-            )
+            raise PromptTooLongError(prompt_tokens, most)
 
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
-        """Prompt token ids for generation; raises RequestValidationError if no room is left to answer."""
+        """Prompt token ids for generation; raises PromptTooLongError if no room is left to answer."""
         ids = self.tokenizer.encode(self.tokenizer.render(messages))
         self._check_fits(len(ids), 1)
         return ids
@@ -101,7 +99,7 @@ BASELINES_KEPT = 256
 class LanguageModel(PromptEncoder):
     """A model folder loaded for serving: its text side plus the ONNX decoder and a prefix cache.
 
-    The heavy methods run on the model's worker thread.
+    The heavy methods run on the model's engine-loop thread.
     """
 
     def __init__(
@@ -124,7 +122,7 @@ class LanguageModel(PromptEncoder):
         cls,
         folder: Path,
         *,
-        execution_provider: str,
+        execution_provider: ExecutionProvider,
         intra_op_threads: int | None,
         prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
     ) -> LanguageModel:

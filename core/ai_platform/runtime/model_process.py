@@ -34,6 +34,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from ai_platform.engine_contract import PromptTooLongError
 from ai_platform.errors import ModelUnavailableError, OverloadedError, RequestValidationError, ServiceUnavailableError
 from ai_platform.operations import Choice, Completion, Message
 from ai_platform.runtime.generation import GREEDY, Sampling
@@ -67,6 +68,8 @@ def describe_exit(exitcode: int | None) -> str:
 # Errors cross the pipe as plain tuples: the platform's exceptions do not all pickle back
 # into themselves (RequestValidationError's constructor takes its error list, not a message).
 def _encode_error(error: Exception) -> tuple[Any, ...]:
+    if isinstance(error, PromptTooLongError):
+        return ("prompt_too_long", error.tokens, error.most, error.unit, error.operation, error.loc)
     if isinstance(error, RequestValidationError):
         return ("validation", error.errors)
     if isinstance(error, OverloadedError):
@@ -78,6 +81,8 @@ def _encode_error(error: Exception) -> tuple[Any, ...]:
 
 def _decode_error(encoded: tuple[Any, ...]) -> Exception:
     kind = encoded[0]
+    if kind == "prompt_too_long":
+        return PromptTooLongError(encoded[1], encoded[2], unit=encoded[3], operation=encoded[4], loc=encoded[5])
     if kind == "validation":
         return RequestValidationError(encoded[1])
     if kind == "overloaded":
@@ -141,7 +146,7 @@ class _ChildServer:
         elif kind == "cancel":
             task = self._tasks.get(message[1])
             if task is not None:
-                task.cancel()  # the worker drops the call, or its sequence leaves the batch at the next step
+                task.cancel()  # the engine loop drops the call, or its sequence leaves the batch at the next step
         else:
             _, call_id, payload = message
             self._tasks[call_id] = asyncio.ensure_future(self._run(call_id, kind, payload))

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ai_platform.operations import Choice, Completion, Message
+from ai_platform.runtime.engine_loop import EngineLoop
 from ai_platform.runtime.generation import GREEDY, Generated, Sampling
 from ai_platform.runtime.kv_batch import new_batch
 from ai_platform.runtime.model import LanguageModel, PromptEncoder
+from ai_platform.runtime.model_runner import ModelRunner
 from ai_platform.runtime.prefix_cache import DEFAULT_MAX_BYTES
-from ai_platform.runtime.scheduler import ContinuousBatch
+from ai_platform.runtime.scheduler import Scheduler
 from ai_platform.runtime.stop_strings import StopFilter, StopWatch, cut_at_stop
 from ai_platform.runtime.tokenizer import TextDeltas
-from ai_platform.runtime.worker import ModelWorker
+from ai_platform.settings import ExecutionProvider
 
 DEFAULT_KV_CACHE_BYTES = 4096 * 2**20
 
@@ -31,12 +33,12 @@ DEFAULT_KV_CACHE_BYTES = 4096 * 2**20
 class ModelOptions:
     """How a model folder is loaded and scheduled (the same for every model of an engine)."""
 
-    execution_provider: str = "auto"
+    execution_provider: ExecutionProvider = "auto"
     intra_op_threads: int | None = None
     prefix_cache_bytes: int = DEFAULT_MAX_BYTES
     max_queue: int = 32
     max_batch: int = 16
-    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES  # the decode batch's KV cache, at most (see ContinuousBatch.can_admit)
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES  # the decode batch's KV cache, at most (see Scheduler.can_admit)
 
 
 class ServedModel(Protocol):
@@ -112,13 +114,13 @@ class ServedModel(Protocol):
 
 
 class InProcessModel:
-    """A model in this process: tokenisation on worker threads, model work on the model's own thread."""
+    """A model in this process: tokenisation on worker threads, model work on its engine loop's thread."""
 
     def __init__(self, name: str, model: LanguageModel, options: ModelOptions) -> None:
         self.model = model
         kv = new_batch(model.decoder, model.prefix_cache, max_rows=options.max_batch, max_bytes=options.kv_cache_bytes)
-        batch = ContinuousBatch(kv, options.max_batch, options.kv_cache_bytes)
-        self._worker = ModelWorker(name, options.max_queue, batch)
+        scheduler = Scheduler(ModelRunner(kv), options.max_batch, options.kv_cache_bytes)
+        self._engine_loop = EngineLoop(name, options.max_queue, scheduler)
 
     @classmethod
     def load(cls, name: str, folder: Path, options: ModelOptions) -> InProcessModel:
@@ -149,7 +151,7 @@ class InProcessModel:
 
     @property
     def queue_depth(self) -> int:
-        return self._worker.queue_depth
+        return self._engine_loop.queue_depth
 
     @property
     def reused_prompt_tokens(self) -> int:
@@ -165,7 +167,7 @@ class InProcessModel:
         model = self.model
         prompt = await asyncio.to_thread(model.encode_prompt, messages)
         budget = model.budget(prompt, max_output_tokens)
-        generated = await self._worker.generate(prompt, budget, model.eos_ids, **self._picking(sampling, stop))
+        generated = await self._engine_loop.generate(prompt, budget, model.eos_ids, **self._picking(sampling, stop))
         return self._completion(generated, stop)
 
     async def stream(
@@ -180,7 +182,9 @@ class InProcessModel:
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
         budget = model.budget(prompt, max_output_tokens)
         generation = asyncio.ensure_future(
-            self._worker.generate(prompt, budget, model.eos_ids, tokens.put_nowait, **self._picking(sampling, stop))
+            self._engine_loop.generate(
+                prompt, budget, model.eos_ids, tokens.put_nowait, **self._picking(sampling, stop)
+            )
         )
         # Each token is handed over before the result, so the queue holds them all when None arrives.
         generation.add_done_callback(lambda _: tokens.put_nowait(None))
@@ -216,7 +220,7 @@ class InProcessModel:
         model = self.model
         prompt, answers = await asyncio.to_thread(model.encode_choice, messages, options)
         baseline = await asyncio.to_thread(model.encode_choice, neutral, options) if neutral else None
-        return await self._worker.run(model.choose_steps(prompt, answers, options, baseline))
+        return await self._engine_loop.run(model.choose_steps(prompt, answers, options, baseline))
 
     async def close(self) -> None:
-        await self._worker.close()
+        await self._engine_loop.close()

@@ -1,1 +1,1 @@
-"""Application and orchestration layers, between the HTTP routes and the runtime/usage layers."""
+"""Orchestration (``orchestration.py``): how a request runs, between the HTTP routes and the engine and limits."""

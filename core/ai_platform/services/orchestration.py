@@ -1,4 +1,10 @@
-"""Orchestration layer: model selection, limit enforcement, centralized error handling.
+"""Orchestration: how one operation request runs, between the HTTP routes and the engine and limits.
+
+The routes look an operation up here (:meth:`OrchestrationService.get`) and run it
+(:meth:`~OrchestrationService.run`, :meth:`~OrchestrationService.open_stream`); they never
+meet the engine (``ai_platform.engine_contract.Engine``) or the usage database themselves.
+``ai-platform eval`` and ``selftest`` run examples through it too, with limits that count
+nothing (``ai_platform.evaluation.runner``).
 
 One request flows: its input checks (character limit, not blank) → the plugin's
 prompt → the engine's check that the model is loaded and the prompt fits its
@@ -10,6 +16,12 @@ reservation is committed last, and given back if anything before fails or the
 request is cancelled (its client hung up, it timed out), wherever the
 cancellation lands: ``LimitService`` runs admission and settlement to their end
 in tasks of their own, and gives back an admission whose caller was cancelled.
+
+The engine knows tokens, not requests: a prompt too long for its context window (its
+``PromptTooLongError``, from ``check`` or, after admission, from the model call) or for the
+operation's ``Limits.max_input_tokens`` becomes here the seed's 422 pointing at the request
+field that ``Operation.input_text`` read. The answer's token cap is decided here too, once
+(``_output_limit``): the engine applies what it is given.
 
 "Returns a response" means its commit ran, which is the last thing before its 200
 is sent. A client that disconnects after that (while the 200 is on its way, or
@@ -26,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,58 +46,37 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ai_platform.errors import OperationError, PlatformError, RequestTimeoutError, RequestValidationError
+from ai_platform.engine_contract import Engine, PromptTooLongError
+from ai_platform.errors import NotFoundError, OperationError, PlatformError, RequestTimeoutError, RequestValidationError
+from ai_platform.limits.service import RateLimit, Reservation
 from ai_platform.operations import Choice, Choose, Completion, Generate, ModelCall, Operation, ResponseMeta
-from ai_platform.usage.limit_service import LimitService, RateLimit, Reservation
+from ai_platform.timestamps import iso_timestamp
 
 log = logging.getLogger(__name__)
 
 
-class Engine(Protocol):
-    """What the platform needs from the runtime (``ai_platform.runtime.engine.InferenceEngine``).
+class UsageLimits(Protocol):
+    """The daily limits a request is admitted to (``LimitService``); each reservation is settled once."""
 
-    An engine may also have ``check`` (:class:`CheckingEngine`): the orchestrator calls it,
-    if present, before admitting a request.
-    """
+    async def admit(self, operation: str, key_id: str) -> Reservation:
+        """A place in today's limits, or :class:`~ai_platform.errors.LimitExceededError`; safe to cancel."""
+        ...
 
-    async def start(self) -> None: ...
+    async def commit(self, reservation: Reservation, *, tokens: int) -> None:
+        """The request is served: count it (runs to its end even if the caller is cancelled)."""
+        ...
 
-    async def close(self) -> None: ...
-
-    def status(self) -> Sequence[Any]: ...
-
-    def model_name(self, operation: str) -> str: ...
-
-    async def generate(self, operation: str, call: Generate, *, max_output_tokens: int) -> Completion: ...
-
-    async def choose(self, operation: str, call: Choose) -> Choice: ...
-
-
-class CheckingEngine(Protocol):
-    """The optional part of :class:`Engine`: refuse, before admission, a call that cannot run.
-
-    ``check(operation, call)`` raises what ``generate``/``choose`` would raise for this
-    ``call`` without doing model work: :class:`~ai_platform.errors.RequestValidationError`
-    (the seed's 422: ``type`` ``string_too_long``, ``loc`` ``["body", "text"]``, ``msg``
-    "Input is too long for the model's context window (N tokens; at most M).") when the
-    prompt leaves no room for the answer (for ``Choose``: for its longest option), and
-    :class:`~ai_platform.errors.ModelUnavailableError` when the operation's model is not
-    loaded. It returns the prompt's length in tokens when the call may run (checked
-    against ``Limits.max_input_tokens``; ``None`` if the engine cannot count). It must not wait for the
-    model's queue (tokenizing is enough) and may be called concurrently. An engine without
-    ``check`` is asked nothing: such a request is refused by ``generate``/``choose``
-    instead, after admission (it holds a place while it waits, and is then given it back).
-    """
-
-    async def check(self, operation: str, call: ModelCall) -> int | None: ...
+    async def release(self, reservation: Reservation) -> None:
+        """The request is not served: give its place back (a no-op once it is settled)."""
+        ...
 
 
 class ExecutionHooks(Protocol):
     """Where plugins may wrap an operation's own steps (``ai_platform.plugins.LoadedPlugins``)."""
 
-    def build_model_call(self, operation: Operation, request: Any) -> Generate | Choose: ...  # type: ignore[type-arg]
+    def build_model_call(self, operation: Operation, request: Any) -> Generate | Choose: ...
 
-    def build_response(self, operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any: ...  # type: ignore[type-arg]
+    def build_response(self, operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any: ...
 
     def wraps_responses(self) -> bool:
         """Whether a plugin may change the response's text (streams then carry only the final event)."""
@@ -98,10 +89,11 @@ class _Admitted:
 
     call: ModelCall
     input_text: str
+    loc: list[str]  # where the request holds ``input_text``, for a 422 the model raises after admission
     input_tokens: int | None  # the prompt's length in the model's tokens, if the engine counted it
     reservation: Reservation
     started: float  # time.perf_counter() at the request's start
-    deadline: float  # the event loop's time when it times out
+    deadline: float | None  # the event loop's time when it times out (None: never)
 
 
 @dataclass(frozen=True)
@@ -112,11 +104,6 @@ class Outcome:
     output_tokens: int
     rate_limit: RateLimit
     input_tokens: int | None = None  # the prompt's tokens, where the engine counts them (OpenAI's usage)
-
-
-def iso_timestamp(moment: datetime) -> str:
-    """ISO 8601 in UTC with milliseconds and a ``Z``, as in the seed (``2025-01-15T10:30:00.000Z``)."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _input_loc(request: Any, text: str) -> list[str]:
@@ -135,13 +122,18 @@ def _input_loc(request: Any, text: str) -> list[str]:
 
 
 class OrchestrationService:
+    """The served operations, run on ``engine`` within ``limits``.
+
+    ``timeout_seconds`` bounds each request from its start (``None``: no bound, for evaluation runs).
+    """
+
     def __init__(
         self,
-        operations: Mapping[str, Operation],  # type: ignore[type-arg]
+        operations: Mapping[str, Operation],
         engine: Engine,
-        limits: LimitService,
+        limits: UsageLimits,
         *,
-        timeout_seconds: float = 300.0,
+        timeout_seconds: float | None = 300.0,
         hooks: ExecutionHooks,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -152,11 +144,19 @@ class OrchestrationService:
         self.hooks = hooks
         self._clock = clock
 
-    async def run(self, operation: Operation, request: Any, *, key_id: str) -> Outcome:  # type: ignore[type-arg]
+    def get(self, name: str) -> Operation:
+        """The operation called ``name``, or a 404 that lists those that exist."""
+        try:
+            return self.operations[name]
+        except KeyError:
+            available = ", ".join(sorted(self.operations)) or "none"
+            raise NotFoundError(f"Unknown operation '{name}'. Available operations: {available}.") from None
+
+    async def run(self, operation: Operation, request: Any, *, key_id: str) -> Outcome:
         """Execute one validated request for the caller with key id ``key_id``."""
         admitted = await self._admit(operation, request, key_id)
         try:
-            async with self._deadline(admitted.deadline):
+            async with self._model_step(admitted.deadline, admitted.loc):
                 result = await self._call_model(operation, admitted.call)
             # Runs to its end even if the request is cancelled meanwhile (then counted: README, "API").
             return await self._settle(operation, request, admitted, result)
@@ -167,11 +167,7 @@ class OrchestrationService:
             raise
 
     async def open_stream(
-        self,
-        operation: Operation,  # type: ignore[type-arg]
-        request: Any,
-        *,
-        key_id: str,
+        self, operation: Operation, request: Any, *, key_id: str
     ) -> tuple[RateLimit, AsyncGenerator[str | Outcome, None]]:
         """A request answered as a stream: everything that can refuse it runs now, as in :meth:`run`.
 
@@ -184,23 +180,17 @@ class OrchestrationService:
         return admitted.reservation.rate_limit, self._streamed(operation, request, admitted)
 
     async def _streamed(
-        self,
-        operation: Operation,  # type: ignore[type-arg]
-        request: Any,
-        admitted: _Admitted,
+        self, operation: Operation, request: Any, admitted: _Admitted
     ) -> AsyncGenerator[str | Outcome, None]:
         settled = False
         try:
             call = admitted.call
-            stream = getattr(self.engine, "stream", None)
             deltas = operation.stream_deltas and not self.hooks.wraps_responses()
-            if deltas and stream is not None and isinstance(call, Generate):
-                pieces: AsyncGenerator[str | Completion, None] = stream(
-                    operation.name, call, max_output_tokens=self._output_limit(operation, call)
-                )
+            if deltas and isinstance(call, Generate):
+                pieces = self.engine.stream(operation.name, call, max_output_tokens=self._output_limit(operation, call))
                 try:
                     while True:
-                        async with self._deadline(admitted.deadline):
+                        async with self._model_step(admitted.deadline, admitted.loc):
                             item = await anext(pieces)
                         if not isinstance(item, str):
                             result: Completion | Choice = item
@@ -209,7 +199,7 @@ class OrchestrationService:
                 finally:
                     await pieces.aclose()  # a no-op after the result; else the generation stops
             else:
-                async with self._deadline(admitted.deadline):
+                async with self._model_step(admitted.deadline, admitted.loc):
                     result = await self._call_model(operation, call)
             outcome = await self._settle(operation, request, admitted, result)
             settled = True
@@ -218,25 +208,22 @@ class OrchestrationService:
             if not settled:  # abandoned, failed or timed out: not a served request
                 await self.limits.release(admitted.reservation)
 
-    async def _admit(self, operation: Operation, request: Any, key_id: str) -> _Admitted:  # type: ignore[type-arg]
+    async def _admit(self, operation: Operation, request: Any, key_id: str) -> _Admitted:
         """Everything that can refuse the request, then its place in the limit."""
         started = time.perf_counter()
-        deadline = asyncio.get_running_loop().time() + self.timeout_seconds
+        deadline = None if self.timeout_seconds is None else asyncio.get_running_loop().time() + self.timeout_seconds
         input_text = self._plugin_step(operation, "input_text", operation.input_text, request)
-        self._check_input(operation, request, input_text)
+        loc = _input_loc(request, input_text)
+        self._check_input(operation, input_text, loc)
         call = self._plugin_step(operation, "prompt", self.hooks.build_model_call, operation, request)
         self._check_call(operation, call)
-        async with self._deadline(deadline):
-            input_tokens = await self._check_with_engine(operation, call, _input_loc(request, input_text))
+        async with self._model_step(deadline, loc):
+            input_tokens = await self._check_with_engine(operation, call, loc)
         reservation = await self.limits.admit(operation.name, key_id)  # cancellation-safe
-        return _Admitted(call, input_text, input_tokens, reservation, started, deadline)
+        return _Admitted(call, input_text, loc, input_tokens, reservation, started, deadline)
 
     async def _settle(
-        self,
-        operation: Operation,  # type: ignore[type-arg]
-        request: Any,
-        admitted: _Admitted,
-        result: Completion | Choice,
+        self, operation: Operation, request: Any, admitted: _Admitted, result: Completion | Choice
     ) -> Outcome:
         """The response for the model's result, counted."""
         meta = ResponseMeta(
@@ -253,17 +240,21 @@ class OrchestrationService:
         return Outcome(response, result.output_tokens, admitted.reservation.rate_limit, admitted.input_tokens)
 
     @asynccontextmanager
-    async def _deadline(self, deadline: float) -> AsyncIterator[None]:
-        """The request's timeout (``REQUEST_TIMEOUT_SECONDS`` from its start), as a 504."""
+    async def _model_step(self, deadline: float | None, loc: list[str]) -> AsyncIterator[None]:
+        """A call to the engine: the request's timeout (``REQUEST_TIMEOUT_SECONDS`` from its start)
+        as a 504, and a prompt too long as the 422 naming the request field ``loc`` it came from."""
         try:
             async with asyncio.timeout_at(deadline):
                 yield
         except TimeoutError:
             raise RequestTimeoutError(f"Request timed out after {self.timeout_seconds:g} seconds.") from None
+        except PromptTooLongError as exc:
+            # The engine knows the prompt's tokens, not where the request holds its input.
+            raise exc.at(loc) from None
 
     @staticmethod
-    def _check_input(operation: Operation, request: Any, text: str) -> None:  # type: ignore[type-arg]
-        """The input text's own limits, for every operation (whichever field ``input_text`` reads)."""
+    def _check_input(operation: Operation, text: str, loc: list[str]) -> None:
+        """The input text's own limits, for every operation (whichever field ``input_text`` read: ``loc``)."""
         # The request schema normally enforces the length already; this is the guarantee
         # for plugins whose schema does not.
         limit = operation.limits.max_input_chars
@@ -271,7 +262,7 @@ class OrchestrationService:
             raise RequestValidationError.one(
                 "string_too_long",
                 f"String should have at most {limit} characters",
-                loc=_input_loc(request, text),
+                loc=loc,
                 input=text[:100] + "…",
             )
         if not text.strip():
@@ -279,15 +270,17 @@ class OrchestrationService:
             raise RequestValidationError.one(
                 "string_too_short",
                 "String should have at least 1 non-whitespace character",
-                loc=_input_loc(request, text),
+                loc=loc,
                 input=text if len(text) <= 100 else text[:100] + "…",
             )
 
     @staticmethod
-    def _check_call(operation: Operation, call: object) -> None:  # type: ignore[type-arg]
+    def _check_call(operation: Operation, call: object) -> None:
         """A model call the engine can run at all (a plugin bug otherwise: a 500, before admission)."""
         if isinstance(call, Generate):
             problem = None if call.messages else "a Generate call without messages"
+            if operation.limits.max_output_tokens is None:  # allowed only for operations that never generate
+                problem = "a Generate call but has no limit max_output_tokens"
         elif isinstance(call, Choose):
             problem = None if call.messages and call.options else "a Choose call without messages or options"
         else:
@@ -296,22 +289,20 @@ class OrchestrationService:
             log.error("operation %r built %s", operation.name, problem)
             raise OperationError(f"Operation '{operation.name}' failed.")
 
-    async def _check_with_engine(self, operation: Operation, call: ModelCall, loc: list[str]) -> int | None:  # type: ignore[type-arg]
-        """The engine's own check, then the operation's token limit on the prompt it counted; the prompt's tokens."""
-        check = getattr(self.engine, "check", None)
-        if check is None:
-            return None
-        tokens = await check(operation.name, call)
-        limit = operation.limits.max_input_tokens
-        if limit is not None and isinstance(tokens, int) and tokens > limit:
-            raise RequestValidationError.one(
-                "string_too_long",
-                f"Input is too long for operation '{operation.name}': its prompt is {tokens} tokens; at most {limit}.",
-                loc=loc,
-            )
-        return tokens if isinstance(tokens, int) else None
+    async def _check_with_engine(self, operation: Operation, call: ModelCall, loc: list[str]) -> int | None:
+        """The engine's own check, then the operation's token limit on the prompt it counted; the prompt's tokens.
 
-    async def _call_model(self, operation: Operation, call: ModelCall) -> Completion | Choice:  # type: ignore[type-arg]
+        Asked before admission, so that a request that cannot run never holds a place in the
+        limit; ``generate``/``choose`` may still refuse it after admission (an engine that cannot
+        count, a prompt that grew), and it is then given its place back.
+        """
+        tokens = await self.engine.check(operation.name, call)
+        limit = operation.limits.max_input_tokens
+        if limit is not None and tokens is not None and tokens > limit:
+            raise PromptTooLongError(tokens, limit, operation=operation.name, loc=loc)
+        return tokens
+
+    async def _call_model(self, operation: Operation, call: ModelCall) -> Completion | Choice:
         if isinstance(call, Generate):
             return await self.engine.generate(
                 operation.name, call, max_output_tokens=self._output_limit(operation, call)
@@ -319,11 +310,16 @@ class OrchestrationService:
         return await self.engine.choose(operation.name, call)
 
     @staticmethod
-    def _output_limit(operation: Operation, call: Generate) -> int:  # type: ignore[type-arg]
+    def _output_limit(operation: Operation, call: Generate) -> int:
+        """The final cap on the answer's tokens: the operation's limit, lowered by the call's own (never raised).
+
+        Applied here only; the engine takes it as given (``Engine.generate``).
+        """
         limit = operation.limits.max_output_tokens
+        assert limit is not None  # _check_call refused the call otherwise
         return min(call.max_output_tokens or limit, limit)
 
-    def _respond(self, operation: Operation, request: Any, result: Completion | Choice, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
+    def _respond(self, operation: Operation, request: Any, result: Completion | Choice, meta: ResponseMeta) -> Any:
         response = self.hooks.build_response(operation, request, result, meta)
         if not isinstance(response, operation.response_type):
             raise TypeError(f"respond returned {type(response).__name__}")
@@ -332,7 +328,7 @@ class OrchestrationService:
         return response
 
     @staticmethod
-    def _plugin_step(operation: Operation, step: str, function: Callable[..., Any], *args: Any) -> Any:  # type: ignore[type-arg]
+    def _plugin_step(operation: Operation, step: str, function: Callable[..., Any], *args: Any) -> Any:
         """Run plugin code; its failures are logged with the operation's name and answered with a bare 500."""
         try:
             return function(*args)

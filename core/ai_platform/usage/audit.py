@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 from ai_platform.usage import statements
-from ai_platform.usage.database import describe, is_open, note_write, transactions
+from ai_platform.usage.database import Database, describe
 from ai_platform.usage.models import AuditRecord
 
 log = logging.getLogger("ai_platform.audit")
@@ -100,7 +100,10 @@ class AuditTrail:
     requests are audited too).
     """
 
-    def __init__(self, *, flush_seconds: float = 0.1, max_pending: int = 256, retention_days: int = 0) -> None:
+    def __init__(
+        self, database: Database, *, flush_seconds: float = 0.1, max_pending: int = 256, retention_days: int = 0
+    ) -> None:
+        self._database = database
         self._flush_seconds = flush_seconds
         self._max_pending = max_pending
         self._retention = timedelta(days=retention_days)
@@ -148,7 +151,9 @@ class AuditTrail:
             while self._pending:
                 batch = list(self._pending)  # record() appends to _pending meanwhile
                 try:
-                    await transactions().run(statements.audit_rows([tuple(vars(e).values()) for e in batch]))
+                    await self._database.transactions().run(
+                        statements.audit_rows([tuple(vars(e).values()) for e in batch])
+                    )
                 except Exception as exc:
                     await self._wait_to_retry(exc)
                     continue
@@ -156,7 +161,7 @@ class AuditTrail:
                 if self._failures:
                     log.warning("wrote %d audit records after %d failed attempts", len(batch), self._failures)
                     self._failures = 0
-                    note_write(None)
+                    self._database.note_write(None)
             await self._prune()
         finally:
             self._writing = None
@@ -164,8 +169,8 @@ class AuditTrail:
     async def _wait_to_retry(self, error: Exception) -> None:
         """Keep the rows (at most ``MAX_BACKLOG``, the newest) and wait before the next attempt."""
         self._failures += 1
-        if is_open():  # (while it is not open yet, /health says so already)
-            note_write(error)
+        if self._database.is_open():  # (while it is not open yet, /health says so already)
+            self._database.note_write(error)
         if len(self._pending) > MAX_BACKLOG:
             dropped = len(self._pending) - MAX_BACKLOG
             self._pending = self._pending[dropped:]
@@ -174,7 +179,7 @@ class AuditTrail:
                 "dropped the %d oldest audit records: over %d waiting (they are in the log)", dropped, MAX_BACKLOG
             )
         delay = min(MAX_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** (self._failures - 1))
-        if not is_open():
+        if not self._database.is_open():
             delay = min(delay, 2.0)  # the rows go in soon after the database opens
         if self._failures == 1:
             log.exception("could not write %d audit records; retrying in %g s", len(self._pending), delay)

@@ -5,10 +5,17 @@ SQLite (one host) and PostgreSQL (several servers) are both supported through
 (``ai_platform.usage.migrations``), applied at startup under a lock so that
 several workers or servers starting together migrate exactly once.
 
-The server does not need the database to start: :func:`database_in_background`
+One :class:`Database` object per app holds everything this process knows of its
+database: the URL, where the per-request transactions run while it is open, and
+its health. ``create_app`` makes it (``PlatformPlugin``) and hands it to the limit
+service, the audit trail and ``/health``; nothing here is module-level state, so
+two apps in one process share nothing but what Tortoise itself keeps (see
+:meth:`Database._open`).
+
+The server does not need the database to start: :meth:`Database.open_in_background`
 keeps trying to open it (with backoff, each failure logged) while the app already
 serves, every call that needs it answering 503 until it opens, and ``/health``
-saying why (:func:`database_status`).
+saying why (:meth:`Database.status`).
 """
 
 from __future__ import annotations
@@ -26,10 +33,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import asyncpg
-from tortoise import Tortoise, connections
+from tortoise import Tortoise
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.backends.base.config_generator import expand_db_url
 from tortoise.context import TortoiseContext
@@ -73,8 +80,6 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 # SQLite's messages when the file is busy, unreadable or full (others, like "no such table", are bugs).
 SQLITE_OUTAGES = ("locked", "busy", "unable to open", "disk", "readonly", "not a database")
 
-_transactions: Runner | None = None
-
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -91,9 +96,6 @@ class _Health:
     write_error: str | None = None
 
 
-_health = _Health()
-
-
 @dataclass(frozen=True)
 class DatabaseStatus:
     available: bool
@@ -108,34 +110,38 @@ def describe(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text}"[:300] if text else type(cause).__name__
 
 
-def _not_open() -> DatabaseUnavailableError:
-    wait = None if _health.next_attempt is None else _health.next_attempt - time.monotonic()
-    # Retry-After: when the next attempt to open it runs (at least 1 s), else the usual 5 s.
-    if wait is None:
-        return DatabaseUnavailableError(UNAVAILABLE)
-    return DatabaseUnavailableError(UNAVAILABLE, retry_after=max(1, math.ceil(wait)))
+class UsesDatabase(Protocol):
+    """An object whose methods :func:`translate_errors` guards: it names the database they use."""
+
+    @property
+    def database(self) -> Database: ...
 
 
-def translate_errors(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+S = TypeVar("S", bound=UsesDatabase)
+
+
+def translate_errors(method: Callable[Concatenate[S, P], Awaitable[R]]) -> Callable[Concatenate[S, P], Awaitable[R]]:
     """Turn a failing database into :class:`DatabaseUnavailableError` (503), never a crash or a bare 500.
 
     Also while the database is not open yet (the server starts without it): 503 at once.
+    For methods of an object whose ``database`` is the :class:`Database` they use.
     """
 
-    @functools.wraps(function)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        if _transactions is None:
-            raise _not_open()
+    @functools.wraps(method)
+    async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        database = self.database
+        if not database.is_open():
+            raise database.not_open()
         try:
-            result = await function(*args, **kwargs)
+            result = await method(self, *args, **kwargs)
         except DatabaseUnavailableError:
             raise
         except DATABASE_ERRORS as exc:
             if not is_outage(exc):
                 raise
-            _health.error = describe(exc)
+            database.health.error = describe(exc)
             raise DatabaseUnavailableError(UNAVAILABLE) from exc
-        _health.error = None
+        database.health.error = None
         return result
 
     return wrapper
@@ -241,103 +247,12 @@ async def _is_unmigrated_legacy(client: BaseDBAsyncClient) -> bool:
     return True
 
 
-async def migrate(url: str) -> None:
-    """Bring the open database's schema up to date, in place (legacy databases are adopted first)."""
-    client = connections.get("default")
+async def migrate(url: str, client: BaseDBAsyncClient) -> None:
+    """Bring the schema of the database open on ``client`` up to date, in place (legacy databases are adopted first)."""
     async with _migration_lock(url, client):
         if await _is_unmigrated_legacy(client):
             await MigrationExecutor(client, APPS).migrate([BASELINE], fake=True)
         await MigrationExecutor(client, APPS).migrate()
-
-
-async def _open(url: str) -> TortoiseContext:
-    """Connect, migrate, and make the per-request transactions available; all or nothing."""
-    global _transactions
-    sqlite_file = _sqlite_path(url)
-    if sqlite_file is not None and not sqlite_file.exists():
-        _create_private(sqlite_file)
-    # Request handlers run in other tasks than the lifespan: the global fallback
-    # lets them see this context (as Tortoise's own framework integrations do).
-    ctx = await Tortoise.init(
-        db_url=connection_url(url), modules={"models": [MODELS_MODULE]}, _enable_global_fallback=True
-    )
-    try:
-        # Tortoise connects lazily: connect now, within a bound (an unreachable host can hang for a minute).
-        async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
-            await connections.get("default").execute_query("SELECT 1")
-        await migrate(url)
-        runner = runner_for(connections.get("default"))
-    except BaseException:
-        await Tortoise.close_connections()
-        raise
-    _transactions = runner
-    _health.error, _health.next_attempt, _health.write_error = None, None, None
-    return ctx
-
-
-async def _close() -> None:
-    global _transactions
-    if _transactions is not None:
-        _transactions.close()
-        _transactions = None
-    await Tortoise.close_connections()
-
-
-def is_open() -> bool:
-    """Whether the database is open in this process (it may still fail a request: see ``database_status``)."""
-    return _transactions is not None
-
-
-@asynccontextmanager
-async def database(url: str) -> AsyncIterator[TortoiseContext]:
-    """Open the database and migrate its schema, or raise; closed on exit (``ai-platform migrate``, tests).
-
-    A SQLite file is created with mode 600: only the service user reads it.
-    """
-    ctx = await _open(url)
-    try:
-        yield ctx
-    finally:
-        await _close()
-
-
-@asynccontextmanager
-async def database_in_background(url: str, *, on_open: Callable[[], Awaitable[object]]) -> AsyncIterator[None]:
-    """The database for the app's lifetime, without making it a condition of serving.
-
-    The first attempt to open it runs before the app serves, so a normal start is
-    complete when the server listens. If it fails with an outage (the server is
-    down or not up yet, refused or timed out connections, a SQLite file that cannot
-    be created or opened), the app starts anyway and further attempts run in the
-    background, 1, 2, 4 … 30 s apart (±10%), each failure logged as a warning with
-    its cause and the wait before the next. Until one succeeds, every call that
-    needs the database answers 503 with ``Retry-After`` (``translate_errors``) and
-    ``/health`` reports it. A malformed URL or an error that is not an outage (e.g.
-    a failing migration) stops startup, as retrying cannot fix it.
-
-    ``on_open`` runs once the database is open (crash recovery); it failing with an
-    outage is logged and left to the reservation sweep.
-    """
-    expand_db_url(url)  # a malformed URL stops startup now rather than being retried forever
-    retrying: asyncio.Task[None] | None = None
-    try:
-        try:
-            await _open(url)
-        except DATABASE_ERRORS as exc:
-            if not is_outage(exc):
-                raise
-            delay = _jittered(RETRY_FIRST_SECONDS)
-            _failed(exc, attempt=1, delay=delay)
-            retrying = asyncio.create_task(_keep_trying(url, on_open, delay), name="usage-database-open")
-        else:
-            await _opened(on_open)
-        yield
-    finally:
-        if retrying is not None:
-            retrying.cancel()
-            await asyncio.gather(retrying, return_exceptions=True)
-        _health.next_attempt = None
-        await _close()
 
 
 def _jittered(seconds: float) -> float:
@@ -345,36 +260,184 @@ def _jittered(seconds: float) -> float:
     return seconds * random.uniform(0.9, 1.1)
 
 
-def _failed(exc: BaseException, *, attempt: int, delay: float) -> None:
-    _health.error = describe(exc)
-    _health.next_attempt = time.monotonic() + delay
-    log.warning(
-        "usage database unavailable (attempt %d): %s; next attempt in %.1f s; meanwhile requests that need it get 503",
-        attempt,
-        _health.error,
-        delay,
-        exc_info=None if is_outage(exc) else exc,  # not an outage: probably a bug, so the traceback too
-    )
+class Database:
+    """One app's usage database: its URL, its transaction runner while it is open, and its health.
 
+    ``create_app`` makes one and hands it to whoever needs it (the limit service, the
+    audit trail, ``/health``); ``ai-platform migrate`` and tests make their own.
+    """
 
-async def _keep_trying(url: str, on_open: Callable[[], Awaitable[object]], delay: float) -> None:
-    attempt, wait = 1, RETRY_FIRST_SECONDS
-    while True:
-        await asyncio.sleep(delay)
-        attempt += 1
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.health = _Health()
+        self._transactions: Runner | None = None
+        self._context: TortoiseContext | None = None
+
+    def is_open(self) -> bool:
+        """Whether the database is open in this process (it may still fail a request: see :meth:`status`)."""
+        return self._transactions is not None
+
+    def transactions(self) -> Runner:
+        """Where the per-request transactions (``ai_platform.usage.statements``, ``ai_platform.limits.statements``)
+        run while the database is open."""
+        if self._transactions is None:
+            raise self.not_open()
+        return self._transactions
+
+    def not_open(self) -> DatabaseUnavailableError:
+        """The 503 for a call that needs the database before it is open."""
+        wait = None if self.health.next_attempt is None else self.health.next_attempt - time.monotonic()
+        # Retry-After: when the next attempt to open it runs (at least 1 s), else the usual 5 s.
+        if wait is None:
+            return DatabaseUnavailableError(UNAVAILABLE)
+        return DatabaseUnavailableError(UNAVAILABLE, retry_after=max(1, math.ceil(wait)))
+
+    def note_write(self, error: BaseException | None) -> None:
+        """Record how a background write (the audit trail's) went, for ``/health``."""
+        self.health.write_error = None if error is None else describe(error)
+
+    async def status(self) -> DatabaseStatus:
+        """This process's view of the database, for ``/health``.
+
+        While it is open and no request has found it failing, nothing is queried. After
+        a request's outage, it is probed (``SELECT 1``, 2 s at most), at most every
+        ``PROBE_SECONDS``, so the status comes back by itself when the database does.
+        """
+        health, now = self.health, time.monotonic()
+        if self._transactions is None or self._context is None:
+            wait = None if health.next_attempt is None else max(health.next_attempt - now, 0.0)
+            return DatabaseStatus(False, health.error or "not open", None if wait is None else round(wait, 1))
+        if health.error is not None and now - health.checked >= PROBE_SECONDS:
+            health.checked = now
+            try:
+                async with asyncio.timeout(2):
+                    await self._context.db().execute_query("SELECT 1")
+            except DATABASE_ERRORS as exc:
+                health.error = describe(exc)
+            else:
+                health.error = None
+        error = health.error or (f"writes fail: {health.write_error}" if health.write_error else None)
+        return DatabaseStatus(error is None, error, None)
+
+    # -- opening and closing ---------------------------------------------------------------
+
+    async def _open(self) -> None:
+        """Connect, migrate, and make the per-request transactions available; all or nothing."""
+        url = self.url
+        sqlite_file = _sqlite_path(url)
+        if sqlite_file is not None and not sqlite_file.exists():
+            _create_private(sqlite_file)
+        # Request handlers run in other tasks than the lifespan: the global fallback
+        # lets them see this context (as Tortoise's own framework integrations do). It is
+        # the one process-wide piece left, and Tortoise's own: the ORM models find their
+        # connection through the current context, and a task that did not open the
+        # database has none but this fallback. Tortoise allows one per process: a second
+        # app in this process opening its database while the first is open fails to start
+        # (a ConfigurationError) rather than silently using the first one's.
+        context = await Tortoise.init(
+            db_url=connection_url(url), modules={"models": [MODELS_MODULE]}, _enable_global_fallback=True
+        )
         try:
-            await _open(url)
-        except Exception as exc:  # serving already: nothing better to do than to report it and try again
-            wait = min(wait * 2, RETRY_MAX_SECONDS)
-            delay = _jittered(wait)
-            _failed(exc, attempt=attempt, delay=delay)
-            continue
-        log.info("usage database open after %d attempts", attempt)
+            client = context.db()
+            # Tortoise connects lazily: connect now, within a bound (an unreachable host can hang for a minute).
+            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+                await client.execute_query("SELECT 1")
+            await migrate(url, client)
+            runner = runner_for(client)
+        except BaseException:
+            await context.close_connections()
+            raise
+        self._context, self._transactions = context, runner
+        self.health.error, self.health.next_attempt, self.health.write_error = None, None, None
+
+    async def _close(self) -> None:
+        if self._transactions is not None:
+            self._transactions.close()
+            self._transactions = None
+        if self._context is not None:
+            await self._context.close_connections()
+            self._context = None
+
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[TortoiseContext]:
+        """Open the database and migrate its schema, or raise; closed on exit (``ai-platform migrate``, tests).
+
+        A SQLite file is created with mode 600: only the service user reads it.
+        """
+        await self._open()
+        assert self._context is not None
         try:
-            await _opened(on_open)
-        except Exception:
-            log.exception("after opening the usage database")
-        return
+            yield self._context
+        finally:
+            await self._close()
+
+    @asynccontextmanager
+    async def open_in_background(self, *, on_open: Callable[[], Awaitable[object]]) -> AsyncIterator[None]:
+        """The database for the app's lifetime, without making it a condition of serving.
+
+        The first attempt to open it runs before the app serves, so a normal start is
+        complete when the server listens. If it fails with an outage (the server is
+        down or not up yet, refused or timed out connections, a SQLite file that cannot
+        be created or opened), the app starts anyway and further attempts run in the
+        background, 1, 2, 4 … 30 s apart (±10%), each failure logged as a warning with
+        its cause and the wait before the next. Until one succeeds, every call that
+        needs the database answers 503 with ``Retry-After`` (``translate_errors``) and
+        ``/health`` reports it. A malformed URL or an error that is not an outage (e.g.
+        a failing migration) stops startup, as retrying cannot fix it.
+
+        ``on_open`` runs once the database is open (crash recovery); it failing with an
+        outage is logged and left to the reservation sweep.
+        """
+        expand_db_url(self.url)  # a malformed URL stops startup now rather than being retried forever
+        retrying: asyncio.Task[None] | None = None
+        try:
+            try:
+                await self._open()
+            except DATABASE_ERRORS as exc:
+                if not is_outage(exc):
+                    raise
+                delay = _jittered(RETRY_FIRST_SECONDS)
+                self._failed(exc, attempt=1, delay=delay)
+                retrying = asyncio.create_task(self._keep_trying(on_open, delay), name="usage-database-open")
+            else:
+                await _opened(on_open)
+            yield
+        finally:
+            if retrying is not None:
+                retrying.cancel()
+                await asyncio.gather(retrying, return_exceptions=True)
+            self.health.next_attempt = None
+            await self._close()
+
+    def _failed(self, exc: BaseException, *, attempt: int, delay: float) -> None:
+        self.health.error = describe(exc)
+        self.health.next_attempt = time.monotonic() + delay
+        log.warning(
+            "usage database unavailable (attempt %d): %s; next attempt in %.1f s; meanwhile requests that need it get 503",
+            attempt,
+            self.health.error,
+            delay,
+            exc_info=None if is_outage(exc) else exc,  # not an outage: probably a bug, so the traceback too
+        )
+
+    async def _keep_trying(self, on_open: Callable[[], Awaitable[object]], delay: float) -> None:
+        attempt, wait = 1, RETRY_FIRST_SECONDS
+        while True:
+            await asyncio.sleep(delay)
+            attempt += 1
+            try:
+                await self._open()
+            except Exception as exc:  # serving already: nothing better to do than to report it and try again
+                wait = min(wait * 2, RETRY_MAX_SECONDS)
+                delay = _jittered(wait)
+                self._failed(exc, attempt=attempt, delay=delay)
+                continue
+            log.info("usage database open after %d attempts", attempt)
+            try:
+                await _opened(on_open)
+            except Exception:
+                log.exception("after opening the usage database")
+            return
 
 
 async def _opened(on_open: Callable[[], Awaitable[object]]) -> None:
@@ -382,39 +445,3 @@ async def _opened(on_open: Callable[[], Awaitable[object]]) -> None:
         await on_open()
     except DatabaseUnavailableError as exc:
         log.warning("after opening the usage database: %s; the reservation sweep will catch up", describe(exc))
-
-
-async def database_status() -> DatabaseStatus:
-    """This process's view of the database, for ``/health``.
-
-    While it is open and no request has found it failing, nothing is queried. After
-    a request's outage, it is probed (``SELECT 1``, 2 s at most), at most every
-    ``PROBE_SECONDS``, so the status comes back by itself when the database does.
-    """
-    now = time.monotonic()
-    if _transactions is None:
-        wait = None if _health.next_attempt is None else max(_health.next_attempt - now, 0.0)
-        return DatabaseStatus(False, _health.error or "not open", None if wait is None else round(wait, 1))
-    if _health.error is not None and now - _health.checked >= PROBE_SECONDS:
-        _health.checked = now
-        try:
-            async with asyncio.timeout(2):
-                await connections.get("default").execute_query("SELECT 1")
-        except DATABASE_ERRORS as exc:
-            _health.error = describe(exc)
-        else:
-            _health.error = None
-    error = _health.error or (f"writes fail: {_health.write_error}" if _health.write_error else None)
-    return DatabaseStatus(error is None, error, None)
-
-
-def note_write(error: BaseException | None) -> None:
-    """Record how a background write (the audit trail's) went, for ``/health``."""
-    _health.write_error = None if error is None else describe(error)
-
-
-def transactions() -> Runner:
-    """Where the per-request transactions (``ai_platform.usage.statements``) run while the database is open."""
-    if _transactions is None:
-        raise _not_open()
-    return _transactions

@@ -1,4 +1,9 @@
-"""Database tables (Tortoise ORM)."""
+"""Database tables (Tortoise ORM): the limits' counters, overrides, quotas and reservations (``ai_platform.limits``
+uses them) and the audit trail's rows.
+
+One module for all of them: Tortoise loads the models of an app from the modules it is given
+(``database.MODELS_MODULE``), and the migrations in ``migrations/`` are written against it.
+"""
 
 from __future__ import annotations
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Generator
 from typing import Any
 
 import msgspec
 
-from ai_platform import Choice, Message, Operation, ResponseMeta, hookimpl
+from ai_platform import Choice, Choose, Completion, Generate, Message, Operation, ResponseMeta, hookimpl
 
 PLUGIN_API_VERSION = 1
 
@@ -43,7 +44,7 @@ def _redact_value(value: Any) -> Any:
 
 
 @hookimpl(wrapper=True)
-def build_model_call(operation: Operation, request: Any) -> Any:  # type: ignore[type-arg]
+def build_model_call(operation: Operation, request: Any) -> Generator[None, Generate | Choose, Generate | Choose]:
     call = yield
     # A Choose call's options are left alone: they are the caller's own labels, and the
     # response must name them exactly.
@@ -51,8 +52,11 @@ def build_model_call(operation: Operation, request: Any) -> Any:  # type: ignore
 
 
 @hookimpl(wrapper=True)
-def build_response(operation: Operation, request: Any, result: Any, meta: ResponseMeta) -> Any:  # type: ignore[type-arg]
+def build_response(
+    operation: Operation, request: Any, result: Completion | Choice, meta: ResponseMeta
+) -> Generator[None, msgspec.Struct, msgspec.Struct]:
     response = yield
     if isinstance(result, Choice):
         return response  # a choice among the caller's own labels: nothing the model wrote
-    return _redact_value(response)
+    redacted: msgspec.Struct = _redact_value(response)
+    return redacted

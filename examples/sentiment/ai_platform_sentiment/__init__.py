@@ -66,7 +66,7 @@ class SentimentResponse(msgspec.Struct, kw_only=True):
     meta: ResponseMeta
 
 
-def build_operation(labels: tuple[str, ...] = DEFAULT_LABELS) -> Operation:  # type: ignore[type-arg]
+def build_operation(labels: tuple[str, ...] = DEFAULT_LABELS) -> Operation[SentimentRequest, SentimentResponse, Choice]:
     """The operation over ``labels`` (at least two, unique)."""
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise ValueError(f"sentiment labels must be at least two unique strings, not {list(labels)}")
@@ -99,5 +99,5 @@ def build_operation(labels: tuple[str, ...] = DEFAULT_LABELS) -> Operation:  # t
 
 
 @hookimpl
-def register_operations(config: Mapping[str, Any]) -> list[Operation]:  # type: ignore[type-arg]
+def register_operations(config: Mapping[str, Any]) -> list[Operation]:
     return [build_operation(tuple(config.get("labels", DEFAULT_LABELS)))]

@@ -81,5 +81,5 @@ OPERATION = Operation(
 
 
 @hookimpl
-def register_operations() -> list[Operation]:  # type: ignore[type-arg]
+def register_operations() -> list[Operation]:
     return [OPERATION]

@@ -82,5 +82,5 @@ OPERATION = Operation(
 
 
 @hookimpl
-def register_operations() -> list[Operation]:  # type: ignore[type-arg]
+def register_operations() -> list[Operation]:
     return [OPERATION]

@@ -1,4 +1,4 @@
-"""Daily limits, per-key quotas and usage accounting.
+"""The limit service: daily limits, per-key quotas and usage accounting, over the usage database.
 
 Admission is one transaction of conditional updates, ``UPDATE … SET
 request_count = request_count + 1 WHERE request_count < limit``, first on the
@@ -43,9 +43,9 @@ from typing import Any, TypeVar
 import psutil
 
 from ai_platform.errors import DatabaseUnavailableError, LimitExceededError
+from ai_platform.limits import statements
 from ai_platform.operations import Operation
-from ai_platform.usage import statements
-from ai_platform.usage.database import transactions, translate_errors
+from ai_platform.usage.database import Database, translate_errors
 from ai_platform.usage.models import DailyUsage, KeyDailyUsage, KeyQuota, OperationLimit
 from ai_platform.usage.models import Reservation as ReservationRow
 
@@ -63,7 +63,7 @@ class LimitInfo:
     operation: str
     daily_limit: int
     max_input_chars: int
-    max_output_tokens: int
+    max_output_tokens: int | None  # None: the operation only chooses (``operations.Limits``)
     max_input_tokens: int | None
 
 
@@ -150,9 +150,12 @@ class Owner:
 
 
 class LimitService:
+    """Everything routes and the orchestrator ask of limits and usage; they never reach the database themselves."""
+
     def __init__(
         self,
-        operations: Mapping[str, Operation],  # type: ignore[type-arg]
+        database: Database,
+        operations: Mapping[str, Operation],
         *,
         default_daily_limit: int,
         timezone: tzinfo = UTC,
@@ -160,6 +163,7 @@ class LimitService:
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         """``lease_seconds`` must exceed the longest a request can run (its timeout) plus clock skew between servers."""
+        self._database = database
         self._operations = operations
         self._default_daily_limit = default_daily_limit
         self._timezone = timezone
@@ -168,6 +172,11 @@ class LimitService:
         self._owner: Owner | None = None
         # Admissions and settlements in flight, each in a task of its own (see ``_detached``).
         self._settling: set[asyncio.Task[Any]] = set()
+
+    @property
+    def database(self) -> Database:
+        """The usage database it counts in (``translate_errors`` guards its calls)."""
+        return self._database
 
     # -- the limit day -----------------------------------------------------------------
 
@@ -293,7 +302,7 @@ class LimitService:
         admission = statements.admission(
             operation, key_id, day, self._default_for(operation), owner_row, self._clock() + self._lease
         )
-        result = await transactions().run(admission)
+        result = await self._database.transactions().run(admission)
         if isinstance(result, statements.Refused):
             if result.key_quota:
                 detail = f"Daily quota exceeded for this API key on operation '{operation}': "
@@ -328,7 +337,9 @@ class LimitService:
     @translate_errors
     async def _commit(self, reservation: Reservation, tokens: int) -> None:
         r = reservation
-        if not await transactions().run(statements.settlement(r.id, r.operation, r.key_id, r.day, tokens=tokens)):
+        if not await self._database.transactions().run(
+            statements.settlement(r.id, r.operation, r.key_id, r.day, tokens=tokens)
+        ):
             log.warning("reservation %d was swept before it committed; counted it again", r.id)
 
     async def release(self, reservation: Reservation) -> None:
@@ -374,7 +385,9 @@ class LimitService:
 
     @translate_errors
     async def _give_back(self, row_id: int, operation: str, key_id: str, day: date) -> bool:
-        return await transactions().run(statements.settlement(row_id, operation, key_id, day, tokens=None))
+        return await self._database.transactions().run(
+            statements.settlement(row_id, operation, key_id, day, tokens=None)
+        )
 
     # -- crash recovery ----------------------------------------------------------------
 

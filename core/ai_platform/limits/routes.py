@@ -1,16 +1,17 @@
-"""Per-key quotas and per-key usage: ``/quotas`` (admin) and ``/usage/keys`` (admin; ``/me`` for any key).
+"""The limit routes: ``/limits`` and ``/limits/usage`` (the operations' daily limits), ``/quotas`` (admin: per-key
+quotas) and ``/usage/keys`` (admin; ``/me`` for any key: per-key usage).
 
 Keys are named by their key id (a keyed hash, as in the audit trail), never
 by the key itself; a caller learns its own id from ``GET /usage/keys/me``.
+Every handler reaches the database through :class:`LimitService` alone.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
-import msgspec
 from litestar import Request, delete, get, put
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath, FromQuery, JSONBody
@@ -19,44 +20,71 @@ from ai_platform.api.auth import KeyRing, Principal, admin_only
 from ai_platform.api.openapi_responses import documented
 from ai_platform.api.validation import not_one_of, shorten
 from ai_platform.errors import NotFoundError, RequestValidationError
-from ai_platform.services.orchestration import iso_timestamp
-from ai_platform.usage.limit_service import KeyUsageInfo, LimitService, QuotaInfo
-
-KEY_ID_PATTERN = r"^[0-9a-f]{16}$"  # what auth.key_id makes: 16 lowercase hex digits
-KeyId = Annotated[str, msgspec.Meta(min_length=16, max_length=16, pattern=KEY_ID_PATTERN)]
-
-
-class QuotaEntry(msgspec.Struct, kw_only=True):
-    key_id: str
-    operation: str
-    daily_limit: int
-
-
-class QuotaUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """``PUT /quotas`` body: the daily limit of one key on one operation (0 stops it)."""
-
-    key_id: KeyId
-    operation: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    daily_limit: Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
+from ai_platform.limits.schemas import (
+    KEY_ID_PATTERN,
+    KeyId,
+    KeyUsageEntry,
+    KeyUsageResponse,
+    LimitEntry,
+    LimitsResponse,
+    LimitUpdate,
+    QuotaEntry,
+    QuotasResponse,
+    QuotaUpdate,
+    UsageEntry,
+    UsageResponse,
+)
+from ai_platform.limits.service import KeyUsageInfo, LimitInfo, LimitService, QuotaInfo
+from ai_platform.timestamps import iso_timestamp
 
 
-class QuotasResponse(msgspec.Struct, kw_only=True):
-    quotas: list[QuotaEntry]
+def _limit_entry(info: LimitInfo) -> LimitEntry:
+    return LimitEntry(
+        operation=info.operation,
+        daily_limit=info.daily_limit,
+        max_input_chars=info.max_input_chars,
+        max_output_tokens=info.max_output_tokens,
+        max_input_tokens=info.max_input_tokens,
+    )
 
 
-class KeyUsageEntry(msgspec.Struct, kw_only=True):
-    key_id: str
-    operation: str
-    date: str
-    request_count: int
-    total_tokens: int
-    daily_limit: int | None  # the key's quota; null when only the operation's limit applies
-    remaining: int | None
+def limit_routes(limits: LimitService) -> list[HTTPRouteHandler]:
+    @get("/limits", tags=["limits"], summary="Limits of every operation.", **documented(403, 500, 503))
+    async def get_limits() -> LimitsResponse:
+        return LimitsResponse(limits=[_limit_entry(i) for i in await limits.limits()])
 
+    @put(
+        "/limits",
+        tags=["limits"],
+        summary="Change an operation's daily limit (admin key).",
+        guards=[admin_only],
+        opt={"body_type": LimitUpdate},
+        **documented(403, 413, 415, 422, 500, 503),
+    )
+    async def put_limits(data: JSONBody[LimitUpdate]) -> LimitEntry:
+        if data.operation not in limits.operations:
+            raise not_one_of("operation", limits.operations, data.operation)
+        return _limit_entry(await limits.set_daily_limit(data.operation, data.daily_limit))
 
-class KeyUsageResponse(msgspec.Struct, kw_only=True):
-    usage: list[KeyUsageEntry]
-    generated_at: str
+    @get("/limits/usage", tags=["limits"], summary="Today's usage of every operation.", **documented(403, 500, 503))
+    async def get_usage() -> UsageResponse:
+        rows = await limits.usage()
+        return UsageResponse(
+            usage=[
+                UsageEntry(
+                    operation=r.operation,
+                    date=r.date.isoformat(),
+                    request_count=r.request_count,
+                    total_tokens=r.total_tokens,
+                    daily_limit=r.daily_limit,
+                    remaining=r.remaining,
+                )
+                for r in rows
+            ],
+            generated_at=iso_timestamp(datetime.now(UTC)),
+        )
+
+    return [get_limits, put_limits, get_usage]
 
 
 def _quota_entry(info: QuotaInfo) -> QuotaEntry:

@@ -1,4 +1,4 @@
-"""The per-model worker thread: queue bound, cancellation, shutdown."""
+"""The engine loop (a model's thread) with jobs: queue bound, cancellation, shutdown."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import anyio
 import pytest
 
 from ai_platform.errors import ModelUnavailableError, OverloadedError
-from ai_platform.runtime.worker import ModelWorker
+from runtime_reference import jobs_only_loop
 
 pytestmark = pytest.mark.anyio
 
 
 class Blocker:
-    """Work that runs until released, so the worker stays busy for as long as a test needs."""
+    """Work that runs until released, so the loop stays busy for as long as a test needs."""
 
     def __init__(self) -> None:
         self.started = threading.Event()
@@ -42,7 +42,7 @@ async def until(condition: Callable[[], bool], seconds: float = 5) -> None:
 
 
 async def test_results_and_errors_come_back() -> None:
-    worker = ModelWorker("m", max_queue=4)
+    worker = jobs_only_loop("m", max_queue=4)
 
     def fail(should_stop: Callable[[], bool]) -> None:
         raise ValueError("boom")
@@ -54,7 +54,7 @@ async def test_results_and_errors_come_back() -> None:
 
 
 async def test_full_queue_raises_overloaded() -> None:
-    worker = ModelWorker("m", max_queue=1)
+    worker = jobs_only_loop("m", max_queue=1)
     blocker = Blocker()
     results: dict[str, str] = {}
 
@@ -74,7 +74,7 @@ async def test_full_queue_raises_overloaded() -> None:
 
 
 async def test_job_cancelled_before_it_starts_is_dropped() -> None:
-    worker = ModelWorker("m", max_queue=4)
+    worker = jobs_only_loop("m", max_queue=4)
     blocker = Blocker()
     ran: list[str] = []
 
@@ -91,7 +91,7 @@ async def test_job_cancelled_before_it_starts_is_dropped() -> None:
 
 
 async def test_running_job_sees_should_stop_when_cancelled() -> None:
-    worker = ModelWorker("m", max_queue=4)
+    worker = jobs_only_loop("m", max_queue=4)
     blocker = Blocker()
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run, blocker)
@@ -103,7 +103,7 @@ async def test_running_job_sees_should_stop_when_cancelled() -> None:
 
 
 async def test_close_fails_waiting_and_running_jobs() -> None:
-    worker = ModelWorker("m", max_queue=4)
+    worker = jobs_only_loop("m", max_queue=4)
     blocker = Blocker()
     errors: list[BaseException] = []
 

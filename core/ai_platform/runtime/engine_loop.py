@@ -1,12 +1,12 @@
-"""A dedicated thread per loaded model, with a bounded queue of work from the event loop.
+"""Executes one model's work on a dedicated thread, fed by a bounded queue from the event loop.
 
-Two kinds of work share the queue and start in arrival order. Generations join
-the model's :class:`ContinuousBatch` and decode together, one step at a time; jobs
-(option scoring) run in slices of one forward pass, taking turns with each other, and
-jobs and the batch's steps share the model's time evenly, so a long classify neither
-holds decoding sequences for its whole prefill nor is held by them. Work whose caller was cancelled before it started is
-dropped; a running job stops before its next slice and a decoding sequence leaves the
-batch at the next step, freeing its row for the next request.
+The loop is the model's engine: each turn it asks its :class:`~ai_platform.runtime.scheduler.Scheduler`
+what may start and whose turn it is, then executes that: a slice of a job (option scoring, one
+forward pass), and a decode step of the continuous batch (``Scheduler.step``, whose forward passes
+and sampling the ``ModelRunner`` runs). Work whose caller was cancelled before it started is
+dropped; a running job stops before its next slice and a decoding sequence leaves the batch at the
+next step, freeing its row for the next request. When the work runs out, the heap's free pages go
+back to the system.
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ import ctypes
 import ctypes.util
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Generator, Sequence
 from typing import Any, Generic, TypeVar
 
 from ai_platform.errors import ModelUnavailableError, OverloadedError
 from ai_platform.runtime.generation import Generated, Sampler, Steps, greedy_token
-from ai_platform.runtime.scheduler import ContinuousBatch, SequenceRequest
+from ai_platform.runtime.scheduler import Job, Scheduler, SequenceRequest
 
 T = TypeVar("T")
 
 Work = Callable[[Callable[[], bool]], T]  # run in one slice; receives should_stop()
-
-# Jobs that take turns at once; each holds its prompt's KV cache until it finishes.
-MAX_RUNNING_JOBS = 4
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
@@ -66,7 +62,7 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 
 def _reporter(future: asyncio.Future[Any]) -> Callable[[Any, BaseException | None], None]:
-    """A callback for the worker thread that hands an outcome to ``future``'s event loop."""
+    """A callback for the model's thread that hands an outcome to ``future``'s event loop."""
     loop = future.get_loop()
 
     def report(result: Any, error: BaseException | None) -> None:
@@ -89,7 +85,7 @@ class _Job(Generic[T]):
         yield  # unreachable: makes this a generator whose first slice is all of ``work``
 
     def advance(self) -> bool:
-        """Run the next slice on the worker thread; once the job is done, hand its outcome over and say so."""
+        """Run the next slice on the model's thread; once the job is done, hand its outcome over and say so."""
         result: Any = None
         error: BaseException | None = None
         try:
@@ -107,19 +103,15 @@ class _Job(Generic[T]):
         self._steps.close()
 
 
-class ModelWorker:
-    """Runs one model's work on its own thread; at most ``max_queue`` requests wait.
+class EngineLoop:
+    """Executes one model's work on its own thread, as its ``scheduler`` decides; at most ``max_queue`` requests wait."""
 
-    ``batch`` is the model's continuous batch; without one, :meth:`generate` is unavailable.
-    """
-
-    def __init__(self, name: str, max_queue: int, batch: ContinuousBatch | None = None) -> None:
+    def __init__(self, name: str, max_queue: int, scheduler: Scheduler) -> None:
         self.name = name
         self._max_queue = max_queue
-        self._batch = batch
-        self._waiting: deque[_Job[Any] | SequenceRequest] = deque()
-        self._running: deque[_Job[Any]] = deque()  # started jobs, taking turns
+        self._scheduler = scheduler
         self._closed = False
+        # Guards the scheduler's queues (``waiting``, ``jobs``) and ``_closed``; wakes the idle thread.
         self._wakeup = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name=f"model-{name}", daemon=True)
         self._thread.start()
@@ -127,17 +119,16 @@ class ModelWorker:
     @property
     def queue_depth(self) -> int:
         """Requests waiting or running on this model."""
-        active = self._batch.active if self._batch is not None else 0
-        return len(self._waiting) + active + len(self._running)
+        return self._scheduler.queue_depth
 
     def _enqueue(self, item: _Job[Any] | SequenceRequest) -> None:
+        waiting = self._scheduler.waiting
         with self._wakeup:
             if self._closed:
                 raise ModelUnavailableError(f"Model '{self.name}' is shutting down.")
-            if len(self._waiting) >= self._max_queue:
-                waiting = len(self._waiting)
-                raise OverloadedError(f"Model '{self.name}' is busy: {waiting} requests are already waiting.")
-            self._waiting.append(item)
+            if len(waiting) >= self._max_queue:
+                raise OverloadedError(f"Model '{self.name}' is busy: {len(waiting)} requests are already waiting.")
+            waiting.append(item)
             self._wakeup.notify()
 
     async def _wait(self, item: _Job[Any] | SequenceRequest, future: asyncio.Future[T]) -> T:
@@ -146,8 +137,7 @@ class ModelWorker:
         except asyncio.CancelledError:
             item.cancelled.set()
             with self._wakeup:
-                if item in self._waiting:
-                    self._waiting.remove(item)
+                self._scheduler.withdraw(item)
             raise
 
     async def run(self, work: Work[T] | Steps[T]) -> T:
@@ -177,8 +167,6 @@ class ModelWorker:
         thread with each token, ends the generation as "stop" when it returns True.
         Cancelling the wait removes the sequence from the batch at the next step.
         """
-        if self._batch is None:
-            raise RuntimeError(f"worker {self.name!r} has no decode batch")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Generated] = loop.create_future()
         request = SequenceRequest(prompt, budget, eos_ids, _reporter(future), sample=sample, ends=ends)
@@ -194,76 +182,57 @@ class ModelWorker:
         return await self._wait(request, future)
 
     def _loop(self) -> None:
-        batch = self._batch
-        running = self._running
+        scheduler = self._scheduler
 
         def idle() -> bool:
-            return not self._waiting and not (batch and batch.active) and not running and not self._closed
+            return not scheduler.has_work() and not self._closed
 
         worked = False  # since memory was last given back
-        batch_turn_ends = 0.0  # the batch steps alone until then (its share of the model's time)
         while True:
             with self._wakeup:
                 going_idle = worked and idle()
             if going_idle:
                 release_free_memory()
                 worked = False
-            admitted: list[SequenceRequest] = []
             with self._wakeup:
                 while idle():
                     self._wakeup.wait()
                 worked = True
                 if self._closed:
                     break
-                # In arrival order: sequences join the batch while it has room (rows, KV memory), jobs start
-                # while fewer than MAX_RUNNING_JOBS run; the first that cannot start waits.
-                while self._waiting:
-                    head = self._waiting[0]
-                    if isinstance(head, SequenceRequest):
-                        if batch is None or not batch.can_admit(head, admitted):
-                            break
-                        admitted.append(head)
-                    elif len(running) < MAX_RUNNING_JOBS:
-                        running.append(head)
-                    else:
-                        break
-                    self._waiting.popleft()
+                # In arrival order, while rows, KV memory and job slots allow (the scheduler decides).
+                admitted = scheduler.start_waiting()
             for request in admitted:
-                if batch is not None and not request.cancelled.is_set():
-                    batch.admit(request)
-            # Jobs and the batch share the model's time evenly: after a job's slice (a prefill
-            # chunk can take a second), the batch steps for as long before the next slice.
-            if running and not (batch and batch.active and time.monotonic() < batch_turn_ends):
-                job = running[0]
+                scheduler.admit(request)
+            # Jobs and the batch share the model's time evenly: a job's slice, then the batch steps for as long.
+            job = scheduler.job_turn()
+            if job is not None:
                 started = time.monotonic()
                 if job.cancelled.is_set():
                     job.drop()
                     done = True
                 else:
                     done = job.advance()
-                batch_turn_ends = 2 * time.monotonic() - started
+                ended = time.monotonic()
                 with self._wakeup:
-                    running.popleft()
-                    if not done:
-                        running.append(job)
-            if batch and batch.active:
-                batch.step()
-        for job in running:
+                    scheduler.job_ran(done, started, ended)
+            if scheduler.active:
+                scheduler.step()
+        for job in scheduler.jobs:
             job.drop()
-        if batch is not None:
-            batch.fail_all(ModelUnavailableError(f"Model '{self.name}' is shutting down."))
+        scheduler.fail_all(ModelUnavailableError(f"Model '{self.name}' is shutting down."))
 
     async def close(self) -> None:
         """Fail waiting work, stop running work at its next step and wait for the thread."""
         with self._wakeup:
             self._closed = True
-            jobs = [*self._waiting, *self._running]
-            self._waiting.clear()
+            items: list[Job | SequenceRequest] = [*self._scheduler.waiting, *self._scheduler.jobs]
+            self._scheduler.waiting.clear()
             self._wakeup.notify()
-        for job in jobs:
-            job.cancelled.set()
-            if isinstance(job, _Job):
-                _settle(job.future, None, ModelUnavailableError(f"Model '{self.name}' is shutting down."))
-            else:
-                job.finish(None, ModelUnavailableError(f"Model '{self.name}' is shutting down."))
+        for item in items:
+            item.cancelled.set()
+            if isinstance(item, SequenceRequest):
+                item.finish(None, ModelUnavailableError(f"Model '{self.name}' is shutting down."))
+            elif isinstance(item, _Job):
+                _settle(item.future, None, ModelUnavailableError(f"Model '{self.name}' is shutting down."))
         await asyncio.to_thread(self._thread.join)
