@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,15 @@ def test_invalid_database_url_names_the_variable(url: str) -> None:
 )
 def test_supported_database_urls_are_accepted(url: str) -> None:
     assert Settings.from_mapping({**BASE, "DATABASE_URL": url}).database_url == url
+
+
+def test_remote_engine_values_are_checked_as_settings_are_read(tmp_path: Path) -> None:
+    """OPERATION_MODEL_MAP and DEFAULT_MODEL may name a remote engine; a malformed one names its setting."""
+    from ai_platform.testing import platform_env
+
+    env = platform_env(tmp_path)
+    good = "openai+https://gpu-01:8443/v1?key_env=GPU01_API_KEY&timeout=120#Qwen2.5-7B-Instruct"
+    settings = Settings.from_mapping({**env, "OPERATION_MODEL_MAP": json.dumps({"translate": good})})
+    assert settings.operation_model_map["translate"] == good
+    with pytest.raises(ConfigurationError, match=r"^DEFAULT_MODEL: no model id"):
+        Settings.from_mapping({**env, "DEFAULT_MODEL": "openai+http://gpu-01:8000/v1"})

@@ -163,9 +163,9 @@ def create_app(
         plugins = load_configured_plugins(settings)
     models = plugins.assign_models(settings)
     if engine is None:
-        from ai_platform.runtime.engine import InferenceEngine  # heavy import: only when serving
+        from ai_platform.engine_router import build_engine  # the runtime loads only when some model is local
 
-        engine = InferenceEngine.from_settings(settings, models)
+        engine = build_engine(settings, models)
     platform = PlatformPlugin(settings, plugins, engine)
     app = Litestar(
         plugins=[platform],

@@ -105,6 +105,15 @@ class RequestTimeoutError(PlatformError):
     status_code = 504
 
 
+class EngineError(PlatformError):
+    """A remote engine failed to answer (an error status, or an answer that is not OpenAI's format).
+
+    The detail names the engine and gives a short reason; the engine's own body is logged, never sent.
+    """
+
+    status_code = 502
+
+
 class ClientDisconnectedError(PlatformError):
     """The client went away before its response was ready; its work was stopped (nginx's 499)."""
 

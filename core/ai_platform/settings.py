@@ -26,6 +26,7 @@ import msgspec
 from dotenv import dotenv_values
 
 from ai_platform.errors import ConfigurationError
+from ai_platform.remote.target import is_remote, parse_target
 
 SEED_OPERATION_MODEL_MAP = {
     "summarize": "qwen-summarize",
@@ -75,6 +76,14 @@ class PluginSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     plugins_config: Path | None = None
     # The OpenAI-compatible API (/v1) and its operation, chat: a plugin of the core's, loaded only when true.
     openai_api: bool = False
+
+    def __post_init__(self) -> None:
+        # A remote engine's URL (openai+http://HOST:PORT/v1#MODEL) is checked here, as the map is read.
+        for operation, model in self.operation_model_map.items():
+            if is_remote(model):
+                parse_target(model, setting=f"OPERATION_MODEL_MAP['{operation}']")
+        if self.default_model is not None and is_remote(self.default_model):
+            parse_target(self.default_model, setting="DEFAULT_MODEL")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env") -> Self:
@@ -127,6 +136,7 @@ class Settings(PluginSettings, kw_only=True, frozen=True, forbid_unknown_fields=
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         try:
             ZoneInfo(self.limit_timezone)
         except (ZoneInfoNotFoundError, ValueError):

@@ -10,12 +10,17 @@ so this test runs it without that variable in its environment.
 
 The run covers startup, one request of each operation and ``AI_PLATFORM_AIR_GAP_IDLE_SECONDS`` (default
 30) of idling, long enough for the telemetry, which fired ~10 s after onnxruntime loaded.
+
+With remote engines in ``OPERATION_MODEL_MAP`` (issue 14), the engines' hosts are the only ones the server may
+reach: the second run serves every operation from one engine on 127.0.0.1 and checks that every outbound
+connection goes to that engine's address and port, and nowhere else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import re
 import subprocess
@@ -27,6 +32,7 @@ import httpx
 import psutil
 import pytest
 
+from remote_fake import FakeOpenAIServer, Reply
 from support import CLASSIFY, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, free_port, require_program
 
 pytestmark = pytest.mark.slow
@@ -90,6 +96,61 @@ def test_the_recorder_sees_native_network_calls(tmp_path: Path) -> None:
     loopback = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x', ('127.0.0.1', 9))"
     subprocess.run([*strace_command(log), sys.executable, "-c", loopback], check=False, capture_output=True)
     assert "127.0.0.1" in log.read_text() and outside_loopback(log.read_text()) == []
+
+
+INET_CONNECT = re.compile(r"\bconnect\(\d+, \{sa_family=AF_INET6?, sin6?_port=htons\((\d+)\)")
+
+
+def inet_connections(trace: str) -> set[tuple[str, int]]:
+    """Every (address, port) an AF_INET or AF_INET6 socket was connected to."""
+    found = set()
+    for line in trace.splitlines():
+        if (port := INET_CONNECT.search(line)) is not None:
+            for address in IPV4.findall(line) + IPV6.findall(line):
+                found.add((address, int(port.group(1))))
+    return found
+
+
+def test_remote_engines_are_the_only_hosts_reached(env: dict[str, str], tmp_path: Path) -> None:
+    engine = FakeOpenAIServer()
+    engine.default = Reply(top_logprobs=[("tech", -0.1), ("bill", -2.0)])  # also what classify's scoring reads
+    log = tmp_path / "server.strace"
+    port = free_port()
+    remote_map = {operation: engine.url() for operation in SEED_MODELS}
+    variables = {**os.environ, **env, "OPERATION_MODEL_MAP": json.dumps(remote_map)}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        variables.pop(name, None)
+    # A proxy in the environment must not be used (trust_env=False): it would be a second host.
+    variables["HTTP_PROXY"] = variables["ALL_PROXY"] = "http://192.0.2.1:3128"
+    cli = Path(sys.executable).parent / "ai-platform"
+    tracer = subprocess.Popen(
+        [*strace_command(log), str(cli), "serve", "--port", str(port)], env=variables, cwd=tmp_path
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"{base}/health", timeout=5)
+                if health.status_code == 200 and health.json()["status"] == "healthy":
+                    break
+            except httpx.HTTPError:
+                pass
+            assert tracer.poll() is None and time.monotonic() < deadline, "server did not start or see its engine"
+            time.sleep(0.2)
+        for operation, body in (("summarize", SUMMARIZE), ("translate", TRANSLATE), ("classify", CLASSIFY)):
+            r = httpx.post(f"{base}/operations/{operation}", json=body, headers=KEY, timeout=60)
+            assert r.status_code == 200, r.text
+        time.sleep(min(IDLE_SECONDS, 3))  # no local model: no onnxruntime, no telemetry to wait for
+    finally:
+        stop_traced(tracer)
+        engine.close()
+    trace = log.read_text()
+    assert engine.chat_requests(), "the engine saw no request"
+    assert inet_connections(trace) == {("127.0.0.1", engine.port)}, "\n".join(
+        line for line in trace.splitlines() if INET_CONNECT.search(line)
+    )
+    assert outside_loopback(trace) == [], "\n".join(outside_loopback(trace))
 
 
 def test_serving_touches_no_network_beyond_loopback(env: dict[str, str], tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -60,6 +60,7 @@ DESCRIPTIONS = {
     422: "The body (or a parameter) does not match its schema, or is not JSON.",
     429: "A daily limit is used up: the operation's, or the API key's quota on it. Retry after `Retry-After`.",
     500: "An unexpected failure; the body says nothing of its cause.",
+    502: "The operation's remote engine failed or answered something invalid; the body names the engine.",
     503: "The usage database is unreachable; retry after `Retry-After`.",
     504: "The request ran longer than `REQUEST_TIMEOUT_SECONDS`; its generation was stopped.",
 }
@@ -133,5 +134,8 @@ class StreamingOperation(PlatformOperation):
 
 
 def operation_documented(*statuses: int | tuple[int, str]) -> dict[str, Any]:
-    """:func:`documented` for an operation route (:class:`StreamingOperation`)."""
+    """:func:`documented` for an operation route (:class:`StreamingOperation`), with 502: any operation may be
+    served by a remote engine (``OPERATION_MODEL_MAP``)."""
+    if not any((entry if isinstance(entry, int) else entry[0]) == 502 for entry in statuses):
+        statuses = (*statuses, 502)
     return {**documented(*statuses), "operation_class": StreamingOperation}

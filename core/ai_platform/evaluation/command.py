@@ -31,14 +31,27 @@ def _plugins(settings: Settings) -> Any:
         sys.exit(f"ai-platform: {exc}")
 
 
-def _eval_engine_factory(settings: Settings) -> Callable[[Path, Mapping[str, str]], Any]:
-    def build(models_dir: Path, operation_models: Mapping[str, str]) -> Any:
-        from ai_platform.runtime.engine import InferenceEngine
+def _eval_engine_factory(
+    settings: Settings, remote: Mapping[str, str] | None = None
+) -> Callable[[Path, Mapping[str, str]], Any]:
+    """Engines for eval's targets; ``remote`` maps the stand-in folder name of a remote engine to its URL."""
+    remote = remote or {}
 
+    def build(models_dir: Path, operation_models: Mapping[str, str]) -> Any:
+        from ai_platform.engine_router import build_engine
+
+        models = {name: remote.get(folder, folder) for name, folder in operation_models.items()}
         # In this process: eval is a tool, not a server.
-        return InferenceEngine.from_settings(settings, operation_models, models_dir=models_dir, isolation="thread")
+        return build_engine(settings, models, models_dir=models_dir, isolation="thread")
 
     return build
+
+
+def _remote_stand_in(value: str) -> str:
+    """A folder name standing for a remote engine in eval's plan (which keys its targets by path)."""
+    import hashlib
+
+    return "remote-" + hashlib.sha256(value.encode()).hexdigest()[:16]
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -78,9 +91,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     except ValueError as exc:
         sys.exit(f"ai-platform eval: {exc}")
     configured: dict[str, ModelTarget] = {}
+    remote: dict[str, str] = {}
     if not models:
+        from ai_platform.remote.target import is_remote
+
         for name, folder in loaded.assign_models(settings).items():
-            configured[name] = ModelTarget(folder, settings.models_dir / folder)
+            if is_remote(folder):  # a remote engine: named by its URL, built from it (_eval_engine_factory)
+                remote[_remote_stand_in(folder)] = folder
+                configured[name] = ModelTarget(folder, settings.models_dir / _remote_stand_in(folder))
+            else:
+                configured[name] = ModelTarget(folder, settings.models_dir / folder)
         unserved = [name for name in names if name not in configured]
         if unserved:
             sys.exit(f"ai-platform eval: no model for {', '.join(unserved)}: pass --model or set OPERATION_MODEL_MAP")
@@ -92,7 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             evaluate(
                 {name: operations[name] for name in names},
                 work,
-                _eval_engine_factory(settings),
+                _eval_engine_factory(settings, remote),
                 loaded,
                 split=args.split,
                 limit=args.limit,
@@ -135,9 +155,12 @@ def cmd_selftest(args: argparse.Namespace) -> None:
     settings = _settings()
     loaded = _plugins(settings)
     models = loaded.assign_models(settings)
-    from ai_platform.runtime.engine import InferenceEngine
+    from ai_platform.engine_router import build_engine
 
-    engine = InferenceEngine.from_settings(settings, models)  # the engine serve builds
+    try:
+        engine = build_engine(settings, models)  # the engine serve builds
+    except ConfigurationError as exc:
+        sys.exit(f"ai-platform: invalid configuration: {exc}")
 
     async def run() -> list[Any]:
         await engine.start()
