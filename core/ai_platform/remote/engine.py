@@ -617,8 +617,14 @@ def _short(message: str) -> str:
 
 # How engines say a prompt is too long, with its tokens and the most the context holds.
 TOO_LONG_FORMS = (
-    # vLLM: "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (...)"
-    re.compile(r"maximum context length is (?P<most>\d+) tokens.*?requested (?P<tokens>\d+) tokens", re.DOTALL),
+    # vLLM and llama-cpp-python, in OpenAI's words: "This model's maximum context length is 4096 tokens. However,
+    # you requested 5000 tokens (4500 in the messages, 500 in the completion)." The requested count includes the
+    # answer's max_tokens: the prompt is the messages' part, and it may use the context less the completion's.
+    re.compile(
+        r"maximum context length is (?P<most>\d+) tokens.*?requested (?P<tokens>\d+) tokens"
+        r"(?: \((?P<prompt>\d+) in the messages, (?P<completion>\d+) in the completion\))?",
+        re.DOTALL,
+    ),
     # llama.cpp's server: "request (5000 tokens) exceeds the available context size (4096 tokens), ..."
     re.compile(r"\((?P<tokens>\d+) tokens\) exceeds the available context size \((?P<most>\d+) tokens\)"),
     # another AI Platform: "Input is too long for the model's context window (5000 tokens; at most 4000)."
@@ -631,6 +637,9 @@ def _too_long(message: str) -> PromptTooLongError | None:
     for form in TOO_LONG_FORMS:
         found = form.search(message)
         if found is not None:
+            parts = found.groupdict()
+            if parts.get("prompt") is not None and parts.get("completion") is not None:
+                return PromptTooLongError(int(parts["prompt"]), int(found["most"]) - int(parts["completion"]))
             return PromptTooLongError(int(found["tokens"]), int(found["most"]))
     return None
 
