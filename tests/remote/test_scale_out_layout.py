@@ -334,8 +334,10 @@ def test_failover_when_an_api_server_is_killed(layout: Layout) -> None:
         while len(sent) < before_kill:
             await asyncio.sleep(0.02)
         assert victim.process is not None
+        # Taken before the signal: a request the kill fails can end (nginx's 503) before the kill call returns.
+        moment = time.monotonic()
         await asyncio.to_thread(victim.process.kill)  # every worker, then the supervisor: the machine is gone
-        killed_at.append(time.monotonic())
+        killed_at.append(moment)
 
     async def run() -> None:
         async with layout.client(limits=httpx.Limits(max_connections=loops)) as client:
