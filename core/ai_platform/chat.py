@@ -20,7 +20,7 @@ import msgspec
 
 from ai_platform.errors import RequestValidationError
 from ai_platform.hookspecs import hookimpl
-from ai_platform.operations import Completion, Generate, Limits, Message, Operation, ResponseMeta
+from ai_platform.operations import Completion, FinishReason, Generate, Limits, Message, Operation, ResponseMeta
 
 NAME = "chat"
 PLUGIN_NAME = "chat"
@@ -70,7 +70,7 @@ class ChatRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class ChatResponse(msgspec.Struct, kw_only=True):
     content: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     meta: ResponseMeta
 
 
@@ -119,8 +119,7 @@ def build_operation(config: Mapping[str, Any]) -> Operation[ChatRequest, ChatRes
         )
 
     def respond(request: ChatRequest, result: Completion, meta: ResponseMeta) -> ChatResponse:
-        reason: Literal["stop", "length"] = "length" if result.finish_reason == "length" else "stop"
-        return ChatResponse(content=result.text, finish_reason=reason, meta=meta)
+        return ChatResponse(content=result.text, finish_reason=result.finish_reason, meta=meta)
 
     return Operation(
         name=NAME,
