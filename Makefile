@@ -79,7 +79,11 @@ run: install
 	@$(BIN)/ai-platform keys --path .env
 	$(BIN)/ai-platform serve
 
-test: install remote-engines
+# llama.cpp's server needs a C++ compiler; without one (a machine with only what the README requires)
+# tests/remote/ skip naming the packages, or fail where CI sets AI_PLATFORM_REQUIRE_SYSTEM_TOOLS.
+test: install
+	@if command -v c++ >/dev/null || command -v g++ >/dev/null; then $(MAKE) --no-print-directory remote-engines; \
+	else echo "==> no C++ compiler: llama.cpp's server is not built and tests/remote/ skip (apt install g++ cmake)"; fi
 	AI_PLATFORM_EXPORT_PYTHON=$(CURDIR)/$(EXPORT_VENV)/bin/python AI_PLATFORM_GENAI_PYTHON=$(CURDIR)/$(GENAI_VENV)/bin/python \
 		$(BIN)/python -m pytest
 

@@ -59,7 +59,7 @@ class RunningEngine:
 
 def missing_engine(what: str) -> NoReturn:
     """Skip: ``what`` is not built (a developer's machine); fail where CI requires every system tool."""
-    reason = f"{what} not built: run `make remote-engines` (`make test` does)"
+    reason = f"{what} not built: run `make remote-engines` (`make test` does where a C++ compiler is installed: apt install g++ cmake)"
     if os.environ.get(REQUIRE_SYSTEM_TOOLS, "") not in ("", "0"):
         pytest.fail(f"{reason}; {REQUIRE_SYSTEM_TOOLS} is set, so this test may not be skipped", pytrace=False)
     pytest.skip(reason)
