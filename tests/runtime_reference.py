@@ -2,6 +2,7 @@
 
 * :func:`greedy_generate`: one sequence, decoded greedily through the plain KV cache, no batch: the
   reference every batched, streamed or isolated generation must reproduce token for token;
+* :class:`RecordingDecoder`: a decoder that keeps the logits each greedy token was picked from;
 * :func:`score_options`: option scoring run to the end at once;
 * :func:`jobs_only_loop`: an engine loop whose scheduler never decodes (a model-less stand-in), for
   tests of the job queue alone.
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +68,23 @@ def greedy_generate(
             keep_logits=1,
         )
         logits = step_logits[0, -1]
+
+
+class RecordingDecoder:
+    """A decoder that keeps each pass's last-position logits: passed to :func:`greedy_generate`, the logits
+    each token was picked from (``logits[i]`` predicts token ``i``), for references of log-probabilities."""
+
+    def __init__(self, decoder: OnnxDecoder) -> None:
+        self._decoder = decoder
+        self.logits: list[np.ndarray] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._decoder, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+        logits, past = self._decoder.forward(*args, **kwargs)
+        self.logits.append(logits[0, -1].copy())
+        return logits, past
 
 
 def score_options(

@@ -28,7 +28,7 @@ from ai_platform.services.orchestration import OrchestrationService
 from ai_platform.settings import Settings
 from ai_platform.testing import FakeEngine
 from ai_platform.usage import statements
-from support import ADMIN, CLIENT_KEY, KEY, SEED_MODELS, SUMMARIZE
+from support import ADMIN, CLIENT_KEY, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE
 
 pytestmark = pytest.mark.anyio
 
@@ -234,3 +234,40 @@ async def test_disconnect_mid_generation_on_the_tiny_model_leaves_the_batch_and_
         r = await client.post("/operations/summarize", json=SUMMARIZE, headers=KEY)  # the model serves on
         assert r.status_code == 200 and r.json()["meta"]["output_tokens"] == 512
         assert (await request_counts(client))["summarize"] == 1
+
+
+def audit_statuses(env: dict[str, str], path: str) -> list[int]:
+    connection = sqlite3.connect(env["DATABASE_URL"].removeprefix("sqlite://"))
+    try:
+        query = "SELECT status FROM audit_record WHERE path = ? ORDER BY id"
+        return [int(row[0]) for row in connection.execute(query, (path,))]
+    finally:
+        connection.close()
+
+
+async def test_an_abandoned_stream_on_the_tiny_model_leaves_the_batch_and_is_not_counted(
+    env: dict[str, str], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The streaming counterpart: a client reading a long translation as events hangs up after the first one."""
+    forward = SlowForward(monkeypatch, delay=0.01)  # 512 new tokens would take over 5 s
+    settings = Settings.from_mapping(tiny_seed_env(env, tiny_model_dir))
+    stream = {**KEY, "Accept": "text/event-stream"}
+    async with live_server(create_app(settings)) as (server, client):
+        async with client.stream("POST", "/operations/translate", json=TRANSLATE, headers=stream) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("event: delta"):
+                    break  # it decodes: hang up after its first words
+            hung_up_at = forward.calls
+        await until_depth(client, "translate", 0)  # its sequence left the batch
+        left_at = forward.calls
+        assert left_at - hung_up_at < 100, "it decoded on for nobody"
+        await eventually(lambda: not server.server_state.tasks)
+        assert await request_counts(client) == {"summarize": 0, "translate": 0, "classify": 0}
+        assert reservations(env) == 0
+        await eventually(lambda: audit_statuses(env, "/operations/translate") == [499])  # abandoned, not served
+        assert forward.calls == left_at  # nothing runs for it any more
+        forward.delay = 0
+        r = await client.post("/operations/translate", json=TRANSLATE, headers=KEY)  # the model serves on
+        assert r.status_code == 200 and r.json()["meta"]["output_tokens"] > left_at - hung_up_at
+        assert (await request_counts(client))["translate"] == 1

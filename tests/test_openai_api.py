@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,13 +23,14 @@ import openai
 import pytest
 
 from ai_platform import chat
+from ai_platform.api.auth import key_id
 from ai_platform.app import create_app
 from ai_platform.operations import Message
 from ai_platform.runtime.model import LanguageModel
 from ai_platform.settings import Settings
-from ai_platform.testing import CLIENT_KEY, FakeEngine, platform_env
+from ai_platform.testing import ADMIN_KEY, CLIENT_KEY, FakeEngine, platform_env
 from runtime_reference import greedy_generate
-from support import ADMIN, KEY
+from support import ADMIN, KEY, ROOT
 from test_disconnect import live_server, reservations
 
 pytestmark = pytest.mark.anyio
@@ -122,7 +124,7 @@ async def test_errors_have_openai_bodies_and_are_not_counted(chat_env: dict[str,
         cases: list[tuple[type[openai.APIStatusError], dict[str, Any], str | None, str | None]] = [
             (openai.NotFoundError, {"model": "gpt-4o"}, None, "model_not_found"),
             (openai.BadRequestError, {"extra_body": {"tools": []}}, "tools", "extra_forbidden"),
-            (openai.BadRequestError, {"logprobs": True}, "logprobs", "value_error"),
+            (openai.BadRequestError, {"top_logprobs": 2}, "top_logprobs", "value_error"),  # needs logprobs: true
             (openai.BadRequestError, {"n": 2}, "n", "less_than_equal"),
             (openai.BadRequestError, {"presence_penalty": 0.5}, "presence_penalty", "value_error"),
             (openai.BadRequestError, {"max_tokens": 5000}, "max_tokens", "less_than_equal"),
@@ -170,6 +172,66 @@ async def test_the_chat_daily_limit_answers_429(chat_env: dict[str, str]) -> Non
             and limited.value.response.headers["X-RateLimit-Remaining"] == "0"
         )
         assert await chat_count(client) == 1
+
+
+async def test_a_key_quota_on_chat_answers_429_on_v1(chat_env: dict[str, str]) -> None:
+    async with serving(chat_env, FakeEngine()) as (oai, client):
+        quota = {"key_id": key_id(CLIENT_KEY, chat_env["SECRET_KEY"]), "operation": "chat", "daily_limit": 1}
+        assert (await client.put("/quotas", json=quota, headers=ADMIN)).status_code == 200
+        await oai.chat.completions.create(model="fake-chat", messages=HELLO)  # type: ignore[arg-type]
+        for stream in (False, True):  # a stream is refused before it starts, with the same 429
+            with pytest.raises(openai.RateLimitError) as limited:
+                await oai.chat.completions.create(model="fake-chat", messages=HELLO, stream=stream)  # type: ignore[arg-type]
+            assert limited.value.code == "rate_limit_exceeded"
+            assert limited.value.body == {
+                "message": "Daily quota exceeded for this API key on operation 'chat': 1/1 requests used today.",
+                "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded",
+            }  # fmt: skip
+            headers = limited.value.response.headers
+            assert (headers["X-RateLimit-Limit"], headers["X-RateLimit-Remaining"]) == ("1", "0")
+            assert headers["Retry-After"].isdigit()
+        # The quota is this key's: another key is still served.
+        async with openai.AsyncOpenAI(base_url=str(oai.base_url), api_key=ADMIN_KEY, max_retries=0) as admin:
+            await admin.chat.completions.create(model="fake-chat", messages=HELLO)  # type: ignore[arg-type]
+        assert await chat_count(client) == 2
+
+
+def audit_rows(env: dict[str, str]) -> list[tuple[str, str, str | None, int, str | None]]:
+    """``(method, path, operation, status, request_id)`` of every audited request, oldest first."""
+    connection = sqlite3.connect(env["DATABASE_URL"].removeprefix("sqlite://"))
+    try:
+        query = "SELECT method, path, operation, status, request_id FROM audit_record ORDER BY id"
+        return [tuple(row) for row in connection.execute(query)]
+    finally:
+        connection.close()
+
+
+async def test_v1_calls_are_audited_as_operation_chat(chat_env: dict[str, str]) -> None:
+    async with serving(chat_env, FakeEngine()) as (oai, _):
+        completion = await oai.chat.completions.create(model="fake-chat", messages=HELLO)  # type: ignore[arg-type]
+        with pytest.raises(openai.NotFoundError):
+            await oai.chat.completions.create(model="gpt-4o", messages=HELLO)  # type: ignore[arg-type]
+        await oai.models.list()
+    rows = audit_rows(chat_env)  # written at the latest when the server stops
+    completions = [row for row in rows if row[1] == "/v1/chat/completions"]
+    assert completions[0] == ("POST", "/v1/chat/completions", "chat", 200, completion.id)  # its id, as answered
+    assert completions[1][2:4] == ("chat", 404)
+    assert ("GET", "/v1/models", None, 200, None) in rows  # no operation runs there
+
+
+async def test_the_readme_openai_snippet_runs(chat_env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """README.md's "OpenAI-compatible API" snippet, as written, against a server (only its URL and key filled in)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## OpenAI-compatible API") :]
+    snippet = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert snippet is not None and 'base_url="http://127.0.0.1:8000/v1"' in snippet[1]
+    async with serving(chat_env, FakeEngine(answer="Red, green and blue.")) as (oai, client):
+        code = snippet[1].replace("http://127.0.0.1:8000/v1", str(oai.base_url).rstrip("/"))
+        # The snippet uses the synchronous client: it runs in a thread, the server in this event loop.
+        await asyncio.to_thread(exec, compile(code, "README.md", "exec"), {"KEY": CLIENT_KEY})
+        assert await chat_count(client) == 2
+    printed = capsys.readouterr().out
+    assert printed.startswith("Red, green and blue. CompletionUsage(") and printed.endswith("Red, green and blue.")
 
 
 async def test_an_abandoned_stream_is_not_counted(chat_env: dict[str, str]) -> None:

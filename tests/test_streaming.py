@@ -4,13 +4,18 @@ Asked for with ``"stream": true`` in the body or ``Accept: text/event-stream`` (
 the body decides). Refusals come before the stream as plain JSON; the stream carries text deltas
 (operations whose text is not post-processed, without plugins wrapping the response), then one
 ``result`` event with exactly the non-streaming body, or one ``error`` event. Counted once, when
-the result is produced; an abandoned stream is not counted.
+the result is produced; an abandoned stream is not counted. The audit trail and /metrics record
+how a stream ended (200 once its result is produced, its error event's status, 499 when its client
+hung up), not the 200 its response started with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +25,7 @@ from ai_platform.app import create_app
 from ai_platform.errors import ModelUnavailableError
 from ai_platform.plugins import load_plugins
 from ai_platform.settings import Settings
-from ai_platform.testing import FakeEngine
+from ai_platform.testing import FakeEngine, platform_env
 from support import ADMIN, KEY, SEED_MODELS, SUMMARIZE, TRANSLATE
 from test_disconnect import live_server, reservations
 
@@ -215,3 +220,151 @@ def test_an_operation_may_not_define_stream() -> None:
     for request_type in (WithStream, Renamed):
         with pytest.raises(ValueError, match="request_type may not have a field 'stream'"):
             dataclasses.replace(OPERATION, request_type=request_type).validate()
+
+
+# -- how a stream ended, in the audit trail and /metrics ---------------------------------------
+
+
+async def audited(env: dict[str, str], path: str, rows: int = 1, seconds: float = 10) -> list[int]:
+    """The audit trail's statuses for ``path``, once it holds ``rows`` of them (written in batches)."""
+    async with asyncio.timeout(seconds):
+        while True:
+            connection = sqlite3.connect(env["DATABASE_URL"].removeprefix("sqlite://"))
+            try:
+                query = "SELECT status FROM audit_record WHERE path = ? ORDER BY id"
+                statuses = [int(row[0]) for row in connection.execute(query, (path,))]
+            finally:
+                connection.close()
+            if len(statuses) >= rows:
+                return statuses
+            await asyncio.sleep(0.05)
+
+
+async def requests_by_status(client: httpx.AsyncClient, route: str) -> dict[str, float]:
+    """``ai_platform_requests_total`` of ``route``, by status."""
+    found: dict[str, float] = {}
+    for line in (await client.get("/metrics", headers=ADMIN)).text.splitlines():
+        if line.startswith("ai_platform_requests_total{") and f'route="{route}"' in line:
+            status = re.search(r'status="(\d+)"', line)
+            assert status is not None
+            found[status[1]] = found.get(status[1], 0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
+async def hang_up_after(client: httpx.AsyncClient, path: str, body: dict[str, Any], prefix: str, count: int) -> None:
+    """Stream ``path`` and hang up after the ``count``-th line starting with ``prefix``."""
+    async with client.stream("POST", path, json=body, headers=STREAM) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith(prefix):
+                count -= 1
+                if count == 0:
+                    break
+
+
+async def test_streams_are_audited_with_how_they_ended(env: dict[str, str]) -> None:
+    """200 for a delivered result, the error event's status, 499 for an abandoned stream: never 200 for those."""
+    route = "/operations/translate"
+    failing = FakeEngine(models=dict(SEED_MODELS), fail_with=ModelUnavailableError("Model 'x' stopped unexpectedly."))
+    async with live_server(create_app(Settings.from_mapping(env), engine=failing)) as (_, client):
+        _, received = await events(client, route, TRANSLATE)
+        assert [name for name, _ in received] == ["error"]
+        assert await audited(env, route) == [503]
+        assert await requests_by_status(client, route) == {"503": 1}
+    slow = FakeEngine(models=dict(SEED_MODELS), delay=0.2)
+    async with live_server(create_app(Settings.from_mapping(env), engine=slow)) as (_, client):
+        await hang_up_after(client, route, TRANSLATE, "event: delta", 1)
+        assert await audited(env, route, rows=2) == [503, 499]
+        assert await requests_by_status(client, route) == {"499": 1}
+        assert reservations(env) == 0 and (await counts(client))["translate"] == 0
+        slow.delay = 0
+        _, received = await events(client, route, TRANSLATE)
+        assert received[-1][0] == "result"
+        assert await audited(env, route, rows=3) == [503, 499, 200]
+        assert await requests_by_status(client, route) == {"499": 1, "200": 1}
+
+
+CHAT_STREAM = {"model": "fake-chat", "messages": [{"role": "user", "content": "Say hello to the team"}], "stream": True}
+
+
+async def data_lines(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[str]:
+    """The ``data:`` of each event of a whole stream (OpenAI's end with ``[DONE]``, which is not JSON)."""
+    async with client.stream("POST", path, json=body, headers=STREAM) as response:
+        assert response.status_code == 200
+        return [line.removeprefix("data:").strip() async for line in response.aiter_lines() if line.startswith("data:")]
+
+
+async def test_openai_streams_are_audited_with_how_they_ended(tmp_path: Path) -> None:
+    env = platform_env(tmp_path, ENABLED_PLUGINS="chat", OPENAI_API="true")
+    route = "/v1/chat/completions"
+    failing = FakeEngine(fail_with=ModelUnavailableError("Model 'x' stopped unexpectedly."))
+    async with live_server(create_app(Settings.from_mapping(env), engine=failing)) as (_, client):
+        data = await data_lines(client, route, CHAT_STREAM)
+        assert json.loads(data[-1])["error"]["code"] == "service_unavailable"
+        assert await audited(env, route) == [503]
+        assert await requests_by_status(client, route) == {"503": 1}
+    slow = FakeEngine(delay=0.2)
+    async with live_server(create_app(Settings.from_mapping(env), engine=slow)) as (_, client):
+        await hang_up_after(client, route, CHAT_STREAM, "data:", 2)  # the role, then the first words
+        assert await audited(env, route, rows=2) == [503, 499]
+        assert await requests_by_status(client, route) == {"499": 1}
+        assert reservations(env) == 0
+        slow.delay = 0
+        assert (await data_lines(client, route, CHAT_STREAM))[-1] == "[DONE]"
+        assert await audited(env, route, rows=3) == [503, 499, 200]
+
+
+async def test_a_timeout_after_the_start_is_a_504_error_event_and_not_counted(env: dict[str, str]) -> None:
+    engine = FakeEngine(models=dict(SEED_MODELS), delay=0.2)  # a word each 0.2 s: about 2.6 s in all
+    settings = Settings.from_mapping({**env, "REQUEST_TIMEOUT_SECONDS": "1"})
+    async with live_server(create_app(settings, engine=engine)) as (_, client):
+        response, received = await events(client, "/operations/translate", TRANSLATE)
+        assert response.status_code == 200
+        *deltas, last = received
+        assert deltas and {name for name, _ in deltas} == {"delta"}  # the stream had started
+        assert last == ("error", {"status": 504, "detail": "Request timed out after 1 seconds."})
+        assert (await counts(client))["translate"] == 0
+        assert reservations(env) == 0
+        assert await audited(env, "/operations/translate") == [504]
+
+
+async def test_a_client_gone_before_the_first_event_gives_its_place_back_at_once(env: dict[str, str]) -> None:
+    """The client hangs up once the 200 has started, before the stream's first event.
+
+    Litestar then cancels the response before it ever iterates the stream (its first step even
+    runs in a thread), so no generator body runs: its place must still be given back at once,
+    not when its lease ends, and the request is audited as abandoned (499), not served.
+    """
+    app = create_app(Settings.from_mapping(env), engine=FakeEngine(models=dict(SEED_MODELS)))
+    async with live_server(app) as (_, client):  # started (database, limits); the test speaks ASGI to it
+        started = asyncio.Event()
+        sent: list[dict[str, Any]] = []
+        body = json.dumps(TRANSLATE).encode()
+        requested = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await started.wait()  # already set when Litestar listens for it: it cancels the stream at once
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.start":
+                started.set()
+
+        headers = {**STREAM, "Content-Type": "application/json", "Content-Length": str(len(body)), "Host": "test"}
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/operations/translate", "raw_path": b"/operations/translate", "root_path": "",
+            "query_string": b"", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80), "state": {},
+            "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        }  # fmt: skip
+        await app(scope, receive, send)  # type: ignore[arg-type]
+        assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+        assert b"event:" not in b"".join(m.get("body", b"") for m in sent)  # no event went out
+        assert reservations(env) == 0  # given back with the response, not by the lease sweep
+        assert (await counts(client))["translate"] == 0
+        assert await audited(env, "/operations/translate") == [499]

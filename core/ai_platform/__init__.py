@@ -29,6 +29,9 @@ from ai_platform.operations import (
     Operation,
     RequestId,
     ResponseMeta,
+    TextDelta,
+    TokenLogprob,
+    TopLogprob,
     examples_file,
 )
 from ai_platform.text import split_sentences
@@ -48,6 +51,9 @@ __all__ = [
     "RequestId",
     "RequestValidationError",
     "ResponseMeta",
+    "TextDelta",
+    "TokenLogprob",
+    "TopLogprob",
     "__version__",
     "examples_file",
     "hookimpl",

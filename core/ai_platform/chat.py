@@ -7,8 +7,9 @@ limits, quotas, usage and audit as every operation. The core registers it as the
 (``[chat]``: ``max_input_chars``, ``max_input_tokens``, ``max_output_tokens``).
 
 Its request is OpenAI's chat request without ``model`` and ``stream`` (the route's own):
-text messages only, one choice, no log probabilities or penalties; a field the server does
-not know is refused, so a client never believes a setting took effect when it did not.
+text messages only, one choice, no penalties; log probabilities (``logprobs``, ``top_logprobs``)
+of the model's distribution; a field the server does not know is refused, so a client never
+believes a setting took effect when it did not.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ import msgspec
 
 from ai_platform.errors import RequestValidationError
 from ai_platform.hookspecs import hookimpl
-from ai_platform.operations import Completion, FinishReason, Generate, Limits, Message, Operation, ResponseMeta
+from ai_platform.operations import (
+    MAX_TOP_LOGPROBS,
+    Completion,
+    FinishReason,
+    Generate,
+    Limits,
+    Message,
+    Operation,
+    ResponseMeta,
+    TokenLogprob,
+)
 
 NAME = "chat"
 PLUGIN_NAME = "chat"
@@ -51,6 +62,12 @@ class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 StopString = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+TopLogprobs = Annotated[
+    int,
+    msgspec.Meta(
+        ge=0, le=MAX_TOP_LOGPROBS, description="The most likely tokens listed at each place (needs logprobs)."
+    ),
+]
 
 
 class ChatRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -62,7 +79,8 @@ class ChatRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seed: int | None = None
     stop: StopString | Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=1, description="Only 1.")] | None = None
-    logprobs: Annotated[bool, msgspec.Meta(description="Not supported: only false.")] | None = None
+    logprobs: Annotated[bool, msgspec.Meta(description="Each answer token's log-probability.")] | None = None
+    top_logprobs: TopLogprobs | None = None
     presence_penalty: Annotated[float, msgspec.Meta(description="Not supported: only 0.")] | None = None
     frequency_penalty: Annotated[float, msgspec.Meta(description="Not supported: only 0.")] | None = None
     user: Annotated[str, msgspec.Meta(max_length=256)] | None = None  # accepted, not used
@@ -72,6 +90,8 @@ class ChatResponse(msgspec.Struct, kw_only=True):
     content: str
     finish_reason: FinishReason
     meta: ResponseMeta
+    # With logprobs: true (null otherwise, or from an engine that does not compute them): see Completion.logprobs.
+    logprobs: list[TokenLogprob] | None = None
 
 
 def _unsupported(field: str, message: str) -> RequestValidationError:
@@ -94,8 +114,8 @@ def build_operation(config: Mapping[str, Any]) -> Operation[ChatRequest, ChatRes
         raise ValueError("[chat] max_output_tokens must be a positive integer, not None")
 
     def prompt(request: ChatRequest) -> Generate:
-        if request.logprobs:
-            raise _unsupported("logprobs", "logprobs is not supported by this server; send false or leave it out")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise _unsupported("top_logprobs", "top_logprobs needs logprobs: true")
         for field in ("presence_penalty", "frequency_penalty"):
             if getattr(request, field):
                 raise _unsupported(field, f"{field} is not supported by this server; send 0 or leave it out")
@@ -116,10 +136,12 @@ def build_operation(config: Mapping[str, Any]) -> Operation[ChatRequest, ChatRes
             top_p=request.top_p,
             seed=request.seed,
             stop=stop,
+            logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         )
 
     def respond(request: ChatRequest, result: Completion, meta: ResponseMeta) -> ChatResponse:
-        return ChatResponse(content=result.text, finish_reason=result.finish_reason, meta=meta)
+        logprobs = list(result.logprobs) if request.logprobs and result.logprobs is not None else None
+        return ChatResponse(content=result.text, finish_reason=result.finish_reason, meta=meta, logprobs=logprobs)
 
     return Operation(
         name=NAME,

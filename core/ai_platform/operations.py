@@ -81,6 +81,48 @@ class Message:
     content: str
 
 
+# The most ``Generate.logprobs`` may ask for: OpenAI's limit on ``top_logprobs``.
+MAX_TOP_LOGPROBS = 20
+
+
+class TopLogprob(msgspec.Struct, frozen=True, kw_only=True):
+    """One of the most likely tokens at a place of the answer (OpenAI's ``top_logprobs`` entry)."""
+
+    token: str  # the token's text alone; U+FFFD where it holds part of a character
+    logprob: float  # natural log of its probability under the model (before temperature and top_p)
+    bytes: list[int]  # its raw bytes (UTF-8, or part of a character)
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, kw_only=True):
+    """A generated token's log-probability, with the most likely tokens at its place (OpenAI's format)."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]  # most likely first; as many as ``Generate.logprobs`` asked
+
+
+class TextDelta(str):
+    """A streamed piece of text that carries the log-probabilities of the tokens it came from.
+
+    Streams (``Engine.stream``) yield ``str`` deltas; with ``Generate.logprobs`` they are
+    :class:`TextDelta` s, whose ``logprobs`` are the tokens whose text begins in this piece
+    (a token whose bytes are part of a character waits for the piece that completes it, so a
+    piece may be ``""`` with tokens). Joined, the pieces' ``logprobs`` are the
+    :class:`Completion`'s.
+    """
+
+    logprobs: tuple[TokenLogprob, ...]
+
+    def __new__(cls, text: str, logprobs: Sequence[TokenLogprob]) -> TextDelta:
+        delta = super().__new__(cls, text)
+        delta.logprobs = tuple(logprobs)
+        return delta
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled across the model process's pipe
+        return (TextDelta, (str(self), self.logprobs))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Generate:
     """Model call: generation from a chat prompt, greedy unless ``temperature`` is above 0.
@@ -90,7 +132,10 @@ class Generate:
     softmax(logits / temperature), within the ``top_p`` nucleus (the most likely
     tokens holding that much probability), by a random generator seeded with
     ``seed`` (``None``: unseeded). The text ends before the first ``stop`` string
-    that appears in it (``finish_reason`` "stop").
+    that appears in it (``finish_reason`` "stop"). ``logprobs`` (``None``: not computed,
+    at no cost) asks for each generated token's log-probability under the model (of the raw
+    logits, before temperature and top_p), with the ``logprobs`` most likely tokens at its
+    place (0 to :data:`MAX_TOP_LOGPROBS`), in :attr:`Completion.logprobs`.
     """
 
     messages: Sequence[Message]
@@ -99,6 +144,7 @@ class Generate:
     top_p: float | None = None
     seed: int | None = None
     stop: Sequence[str] = ()
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -107,6 +153,10 @@ class Generate:
             raise ValueError(f"Generate.top_p must be between 0 and 1, not {self.top_p!r}")
         if isinstance(self.stop, str) or not all(isinstance(stop, str) and stop for stop in self.stop):
             raise ValueError("Generate.stop must be a sequence of non-empty strings")
+        if self.logprobs is not None and not (
+            isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise ValueError(f"Generate.logprobs must be None or 0 to {MAX_TOP_LOGPROBS}, not {self.logprobs!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,11 +178,19 @@ class Choose:
 
 @dataclass(frozen=True, kw_only=True)
 class Completion:
-    """Result of :class:`Generate`."""
+    """Result of :class:`Generate`.
+
+    ``logprobs``: with ``Generate.logprobs``, one entry per generated token in order (the eos
+    token not included), ``None`` otherwise or from an engine that does not compute them. With
+    a ``stop`` string, the tokens whose text begins at or after the stop string are left out:
+    the last token kept may hold the stop string's beginning. The tokens' ``bytes`` joined are
+    the text generated (before ``text``'s surrounding whitespace is stripped).
+    """
 
     text: str
     output_tokens: int
     finish_reason: FinishReason
+    logprobs: Sequence[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,11 +1,13 @@
 """A second AI Platform as an OpenAI-compatible engine (issue 14, item 3): the fixture, and what it offers.
 
 The front platform's remote operations reach it exactly as they reach a third-party server: over
-``/v1/chat/completions`` with a client key. It refuses ``logprobs`` (its runtime does not compute them),
-so ``classify`` against it must use ``choose=generate``.
+``/v1/chat/completions`` with a client key. It answers ``logprobs``/``top_logprobs``, so ``classify`` against
+it may use ``choose=logprobs`` (test_remote_operations.py) as well as ``choose=generate``.
 """
 
 from __future__ import annotations
+
+import math
 
 import openai
 import pytest
@@ -36,13 +38,18 @@ def test_completion_stream_and_usage(platform_engine: RunningEngine) -> None:
     platform_engine.assert_alive()
 
 
-def test_logprobs_are_refused(platform_engine: RunningEngine) -> None:
+def test_first_token_top_logprobs(platform_engine: RunningEngine) -> None:
+    """What ``choose=logprobs`` asks (deploy/README.md's check): the first answer token's 20 most likely tokens."""
     oai = client(platform_engine)
-    with pytest.raises(openai.BadRequestError) as refused:
-        oai.chat.completions.create(
-            model=platform_engine.model, messages=MESSAGES, max_tokens=1, logprobs=True, top_logprobs=20
-        )
-    assert "logprobs" in str(refused.value)
+    answer = oai.chat.completions.create(
+        model=platform_engine.model, messages=MESSAGES, max_tokens=1, logprobs=True, top_logprobs=20, temperature=0
+    )
+    logprobs = answer.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None and len(logprobs.content) == 1
+    first = logprobs.content[0]
+    assert len(first.top_logprobs) == 20 and first.top_logprobs[0].token == first.token  # greedy: the likeliest
+    assert first.token == answer.choices[0].message.content or first.token.strip() == answer.choices[0].message.content
+    assert sum(math.exp(t.logprob) for t in first.top_logprobs) <= 1 + 1e-6
 
 
 def test_a_wrong_key_is_refused(platform_engine: RunningEngine) -> None:

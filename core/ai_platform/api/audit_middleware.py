@@ -4,6 +4,10 @@ It wraps the whole application, outside Litestar's router and exception handling
 (``create_app`` installs it), so it also sees what no route handler ever does: a path
 no route matches (404), a method the route does not have (405), a request refused by
 authentication (403). Each is audited with its final status.
+
+A stream (``ai_platform.api.streaming``) answers 200 before its outcome is known; it records
+how it ended in the request's state (``stream_status``: 200 for a delivered result, its
+``error`` event's status, 499 for a stream its client abandoned), which is audited instead.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from ai_platform.api.auth import API_KEY_HEADER, KeyRing, Principal, presented_key
 from ai_platform.api.errors import status_for
+from ai_platform.api.streaming import STREAM_STATUS
 from ai_platform.errors import AuthenticationError
 from ai_platform.metrics import PlatformMetrics
 from ai_platform.usage import audit
@@ -60,6 +65,8 @@ class AuditMiddleware:
 
     def _record(self, scope: Scope, status: int, duration_s: float) -> None:
         state: dict[str, Any] = scope.get("state", {})
+        if status == 200:  # a stream's response started as 200: how it ended is what counts
+            status = state.get(STREAM_STATUS, status)
         handler = scope.get("route_handler")  # none when no route matched
         operation = handler.opt.get("operation") if handler is not None else None
         tokens = state.get("output_tokens", 0)

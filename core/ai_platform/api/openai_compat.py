@@ -20,14 +20,15 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIHeader, OpenAPIType, Schema
 from litestar.params import FromPath, JSONBody
-from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response import ServerSentEventMessage
 from litestar.types import ExceptionHandlersMap
 from msgspec import UNSET, UnsetType
 
@@ -36,9 +37,12 @@ from ai_platform.api.auth import Principal
 from ai_platform.api.disconnect import cancel_on_disconnect
 from ai_platform.api.errors import EXCEPTION_HANDLERS as APP_EXCEPTION_HANDLERS
 from ai_platform.api.errors import error_body
+from ai_platform.api.openapi_responses import DESCRIPTIONS, Status, StreamingOperation, documented, operation_documented
+from ai_platform.api.streaming import event_stream, stream_ended
 from ai_platform.engine_contract import Engine, PromptTooLongError
 from ai_platform.errors import NotFoundError, PlatformError, RequestValidationError
-from ai_platform.services.orchestration import OrchestrationService, Outcome
+from ai_platform.operations import TokenLogprob
+from ai_platform.services.orchestration import OperationStream, OrchestrationService, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +70,17 @@ class AssistantMessage(msgspec.Struct, kw_only=True):
     content: str
 
 
+class ChoiceLogprobs(msgspec.Struct, kw_only=True):
+    """``logprobs: true``: the answer's tokens, each with its log-probability and the ``top_logprobs`` likeliest."""
+
+    content: list[TokenLogprob] | None
+
+
 class Choice(msgspec.Struct, kw_only=True):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -97,7 +107,7 @@ class ChunkChoice(msgspec.Struct, kw_only=True):
     index: int
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None  # with logprobs: true, the tokens of this chunk's text
 
 
 class ChatCompletionChunk(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -194,19 +204,32 @@ DOCUMENTED = {
     400: "The body does not match the schema (OpenAI's error body: `code` and `param` say what and where).",
     403: "Missing or unknown API key (`Authorization: Bearer KEY` or `X-API-Key`).",
     404: "`model` is not the one `GET /v1/models` lists.",
-    413: "Body over 256 KB.",
-    415: "Body not sent as JSON.",
     429: "The daily limit of operation `chat`, or the key's quota on it, is used up. Retry after `Retry-After`.",
-    500: "An unexpected failure; the body says nothing of its cause.",
-    503: "The model is not loaded or its queue is full, or the usage database is unreachable.",
-    504: "The request ran longer than `REQUEST_TIMEOUT_SECONDS`.",
-}
+    503: "The model is not loaded or its queue is full, or the usage database is unreachable; retry after "
+    "`Retry-After`.",
+}  # the other statuses: as on every route (openapi_responses.DESCRIPTIONS)
 
 
-def _responses(*statuses: int) -> dict[int, ResponseSpec]:
-    return {
-        status: ResponseSpec(data_container=ErrorBody, description=DOCUMENTED[status], generate_examples=False)
-        for status in statuses
+def _errors(*statuses: Status) -> tuple[Status, ...]:
+    """``statuses`` with their descriptions on ``/v1``, for ``openapi_responses.documented`` (with ``body=ErrorBody``)."""
+    return tuple(s if isinstance(s, tuple) else (s, DOCUMENTED.get(s) or DESCRIPTIONS[s]) for s in statuses)
+
+
+@dataclass
+class ChatCompletionsOperation(StreamingOperation):
+    """``POST /v1/chat/completions`` in OpenAPI: its stream is OpenAI's chunks, its 200 names the completion."""
+
+    stream_description: ClassVar[str] = (
+        'With `"stream": true`: Server-Sent Events as OpenAI sends them, `data:` lines only. Each holds a '
+        "`chat.completion.chunk` (`ChatCompletion`'s fields, `choices[].delta` for `message`): the role, the text as "
+        "it is decoded, then the `finish_reason` (and with `stream_options.include_usage` one chunk with `usage` and "
+        "no choices); then `data: [DONE]`. An error after the stream has started is its last `data:` line, an "
+        "`ErrorBody`."
+    )
+    success_headers: ClassVar[dict[str, OpenAPIHeader]] = {
+        "X-Request-Id": OpenAPIHeader(
+            schema=Schema(type=OpenAPIType.STRING), description="The completion's `id`.", required=True
+        )
     }
 
 
@@ -230,14 +253,15 @@ def _as_operation_request(body: ChatCompletionRequest) -> chat.ChatRequest:
 
 async def _chunks(
     request: Request[Any, Any, Any],
-    events: AsyncGenerator[str | Outcome, None],
+    events: OperationStream,
     template: ChatCompletionChunk,
     include_usage: bool,
 ) -> AsyncGenerator[ServerSentEventMessage, None]:
     """OpenAI's chunks: the role, the text as it is decoded, the finish reason, usage if asked, ``[DONE]``."""
 
-    def chunk(delta: Delta, finish_reason: Any = None) -> ServerSentEventMessage:
-        choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
+    def chunk(delta: Delta, finish_reason: Any = None, logprobs: Any = None) -> ServerSentEventMessage:
+        content = None if logprobs is None else ChoiceLogprobs(content=list(logprobs))
+        choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=content)
         return ServerSentEventMessage(data=_json(msgspec.structs.replace(template, choices=[choice])))
 
     try:
@@ -246,12 +270,13 @@ async def _chunks(
         async for event in events:
             if isinstance(event, str):
                 streamed = True
-                yield chunk(Delta(content=event))
+                yield chunk(Delta(content=str(event)), logprobs=getattr(event, "logprobs", None))  # a TextDelta's
                 continue
             request.state.output_tokens = event.output_tokens
+            stream_ended(request, 200)  # counted: audited as served, whether or not the last chunks arrive
             response: chat.ChatResponse = event.response
             if not streamed and response.content:  # no deltas (a plugin wraps responses): the whole text
-                yield chunk(Delta(content=response.content))
+                yield chunk(Delta(content=response.content), logprobs=response.logprobs)
             yield chunk(Delta(), response.finish_reason)
             if include_usage:
                 usage = msgspec.structs.replace(template, choices=[], usage=_usage(event))
@@ -259,6 +284,7 @@ async def _chunks(
         yield ServerSentEventMessage(data="[DONE]")
     except Exception as exc:  # after the 200 went out: the error is the stream's last event
         status, body, _ = _error_body(exc)
+        stream_ended(request, status)
         if status == 500:
             log.error("stream of operation %r failed", chat.NAME, exc_info=exc)
         yield ServerSentEventMessage(data=_json(body))
@@ -280,7 +306,11 @@ def openai_router(service: OrchestrationService, engine: Engine) -> Router:
         summary="OpenAI-compatible chat completion (operation `chat`); Server-Sent Events with `stream: true`.",
         operation_id="openai_chat_completions",
         opt={"operation": chat.NAME, "body_type": ChatCompletionRequest},
-        responses=_responses(400, 403, 404, 413, 415, 429, 500, 503, 504),
+        **operation_documented(
+            *_errors(400, 403, 404, 413, 415, 429, 500, 502, 503, 504),
+            body=ErrorBody,
+            operation_class=ChatCompletionsOperation,
+        ),
     )
     async def chat_completions(
         request: Request[Any, Any, Any], data: JSONBody[ChatCompletionRequest]
@@ -301,7 +331,8 @@ def openai_router(service: OrchestrationService, engine: Engine) -> Router:
                 id=completion_id, object="chat.completion.chunk", created=created, model=model, choices=[]
             )
             chunks = _chunks(request, events, template, include_usage)
-            return ServerSentEvent(chunks, headers={**rate_limit.headers(), "X-Request-Id": completion_id})  # type: ignore[return-value]
+            headers = {**rate_limit.headers(), "X-Request-Id": completion_id}
+            return event_stream(request, events, chunks, headers)  # type: ignore[return-value]
         outcome = await cancel_on_disconnect(request, service.run(operation, body, key_id=caller.key_id))
         request.state.output_tokens = outcome.output_tokens
         response: chat.ChatResponse = outcome.response
@@ -315,17 +346,28 @@ def openai_router(service: OrchestrationService, engine: Engine) -> Router:
                     index=0,
                     message=AssistantMessage(role="assistant", content=response.content),
                     finish_reason=response.finish_reason,
+                    logprobs=None if response.logprobs is None else ChoiceLogprobs(content=response.logprobs),
                 )
             ],
             usage=_usage(outcome),
         )
         return Response(completion, headers={**outcome.rate_limit.headers(), "X-Request-Id": completion_id})
 
-    @get("/models", summary="The model behind `/v1/chat/completions`.", responses=_responses(403, 500))
+    @get(
+        "/models",
+        summary="The model behind `/v1/chat/completions`.",
+        operation_id="openai_list_models",
+        **documented(*_errors(403, 500), body=ErrorBody),
+    )
     async def list_models() -> ModelList:
         return ModelList(object="list", data=[served_model()])
 
-    @get("/models/{model_id:str}", summary="One model by id.", responses=_responses(403, 404, 500))
+    @get(
+        "/models/{model_id:str}",
+        summary="One model by id.",
+        operation_id="openai_retrieve_model",
+        **documented(*_errors(403, (404, "`model_id` is not the one `GET /v1/models` lists."), 500), body=ErrorBody),
+    )
     async def retrieve_model(model_id: FromPath[str]) -> Model:
         model = served_model()
         if model_id != model.id:

@@ -2,9 +2,11 @@
 
 Every route lists the error statuses it can return (:func:`documented`), each with the body that
 ``api.errors`` really sends: 422 ``{"error": "Request validation failed.", "detail": [...]}``, every
-other error ``{"detail": "..."}``. 429s carry ``Retry-After`` and ``X-RateLimit-*``, 503s
-``Retry-After``, and an operation's 200 ``X-RateLimit-*``. Litestar's own 400 for validation errors
-is not listed: here they are answered 422 (``api.errors.validation_error``).
+other error ``{"detail": "..."}``; ``/v1``'s routes pass their own body (OpenAI's, ``api.openai_compat``),
+and list 400 where they answer a body that does not validate. 429s carry ``Retry-After`` and
+``X-RateLimit-*``, 503s ``Retry-After``, and an operation's 200 ``X-RateLimit-*``. Litestar's own 400
+for validation errors is not listed: here they are answered 422 (``api.errors.validation_error``), or
+400 with OpenAI's body on ``/v1``.
 
 Refusals of requests that reach no route are not part of any operation: the document's
 description tells them (:data:`TRANSPORT_ERRORS`).
@@ -13,11 +15,19 @@ description tells them (:data:`TRANSPORT_ERRORS`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
+from litestar.openapi.spec import (
+    OpenAPIHeader,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    Reference,
+    Schema,
+)
 
 from ai_platform.api.streaming import EVENT_STREAM
 
@@ -79,18 +89,25 @@ RATE_LIMIT = {
 HEADERS = {"429": {**RETRY_AFTER, **RATE_LIMIT}, "503": RETRY_AFTER}
 
 
-def documented(*statuses: int | tuple[int, str]) -> dict[str, Any]:
-    """A route's keyword arguments that document its error statuses (a status, or a status and its description).
+Status = int | tuple[int, str]
+"""A documented error status, or a status and its description (else :data:`DESCRIPTIONS`'s)."""
 
-    ``responses`` gives each its real body; ``operation_class`` adds the headers and drops
-    Litestar's 400 (see :class:`PlatformOperation`).
+
+def documented(
+    *statuses: Status, body: type[msgspec.Struct] | None = None, operation_class: type[Operation] | None = None
+) -> dict[str, Any]:
+    """A route's keyword arguments that document its error statuses.
+
+    ``responses`` gives each its real body: ``body`` for all where the route has an error format of
+    its own (``/v1``), else 422's :class:`ValidationErrorResponse` and the others' :class:`ErrorResponse`;
+    ``operation_class`` (a :class:`PlatformOperation`) adds the headers and drops Litestar's 400.
     """
     responses: dict[int, ResponseSpec] = {}
     for entry in statuses:
         status, description = entry if isinstance(entry, tuple) else (entry, DESCRIPTIONS[entry])
-        body = ValidationErrorResponse if status == 422 else ErrorResponse
-        responses[status] = ResponseSpec(data_container=body, description=description, generate_examples=False)
-    return {"responses": responses, "operation_class": PlatformOperation}
+        error = body or (ValidationErrorResponse if status == 422 else ErrorResponse)
+        responses[status] = ResponseSpec(data_container=error, description=description, generate_examples=False)
+    return {"responses": responses, "operation_class": operation_class or PlatformOperation}
 
 
 @dataclass
@@ -99,7 +116,8 @@ class PlatformOperation(Operation):
 
     def __post_init__(self) -> None:
         responses: dict[str, Any] = self.responses or {}
-        responses.pop("400", None)  # Litestar's ValidationException: answered 422 here, and documented so
+        if _is_litestars_400(responses.get("400")):
+            del responses["400"]  # Litestar's ValidationException: answered 422 here (400 on /v1), documented so
         for status, headers in HEADERS.items():
             if isinstance(response := responses.get(status), OpenAPIResponse):
                 response.headers = {**(response.headers or {}), **headers}
@@ -111,6 +129,13 @@ class PlatformOperation(Operation):
                     media.schema.any_of, media.schema.one_of = media.schema.one_of, None
 
 
+def _is_litestars_400(response: Any) -> bool:
+    """Whether ``response`` is the 400 Litestar adds to a route with parameters (``{status_code, detail, extra}``),
+    not one that :func:`documented` listed (whose body is a component, ``$ref``)."""
+    content = getattr(response, "content", None) or {}
+    return response is not None and not any(isinstance(media.schema, Reference) for media in content.values())
+
+
 STREAM_DESCRIPTION = (
     'With `Accept: text/event-stream` or `"stream": true` in the body: Server-Sent Events. `delta` events '
     '(`{"text": "..."}`, the text as it is decoded, for operations that return it unchanged), then one '
@@ -120,22 +145,28 @@ STREAM_DESCRIPTION = (
 
 @dataclass
 class StreamingOperation(PlatformOperation):
-    """An operation route: its 200 is JSON or Server-Sent Events, and carries ``X-RateLimit-*``."""
+    """An operation route: its 200 is JSON or Server-Sent Events, and carries ``X-RateLimit-*``.
+
+    A subclass may say what its stream holds (``stream_description``) and add headers to its 200.
+    """
+
+    stream_description: ClassVar[str] = STREAM_DESCRIPTION
+    success_headers: ClassVar[dict[str, OpenAPIHeader]] = {}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         success = (self.responses or {}).get("200")
         if isinstance(success, OpenAPIResponse):
-            success.headers = {**(success.headers or {}), **RATE_LIMIT}
-            success.content = {
-                **(success.content or {}),
-                EVENT_STREAM: OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, description=STREAM_DESCRIPTION)),
-            }
+            success.headers = {**(success.headers or {}), **RATE_LIMIT, **self.success_headers}
+            stream = Schema(type=OpenAPIType.STRING, description=self.stream_description)
+            success.content = {**(success.content or {}), EVENT_STREAM: OpenAPIMediaType(schema=stream)}
 
 
-def operation_documented(*statuses: int | tuple[int, str]) -> dict[str, Any]:
-    """:func:`documented` for an operation route (:class:`StreamingOperation`), with 502: any operation may be
-    served by a remote engine (``OPERATION_MODEL_MAP``)."""
+def operation_documented(
+    *statuses: Status, body: type[msgspec.Struct] | None = None, operation_class: type[StreamingOperation] | None = None
+) -> dict[str, Any]:
+    """:func:`documented` for a route that runs an operation (a :class:`StreamingOperation`), with 502: any
+    operation may be served by a remote engine (``OPERATION_MODEL_MAP``)."""
     if not any((entry if isinstance(entry, int) else entry[0]) == 502 for entry in statuses):
         statuses = (*statuses, 502)
-    return {**documented(*statuses), "operation_class": StreamingOperation}
+    return documented(*statuses, body=body, operation_class=operation_class or StreamingOperation)

@@ -7,12 +7,11 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath, JSONBody
-from litestar.response import ServerSentEvent
 
 from ai_platform.api.auth import Principal
 from ai_platform.api.disconnect import cancel_on_disconnect
 from ai_platform.api.openapi_responses import operation_documented
-from ai_platform.api.streaming import sse_events, streamable, wants_stream, without_stream
+from ai_platform.api.streaming import event_stream, sse_events, streamable, wants_stream, without_stream
 from ai_platform.api.validation import shorten
 from ai_platform.operations import NAME_PATTERN, Operation
 from ai_platform.services.orchestration import OrchestrationService
@@ -36,7 +35,7 @@ def operation_route(operation: Operation, service: OrchestrationService) -> HTTP
         if wants_stream(request, data):
             opened = service.open_stream(operation, body, key_id=caller.key_id)
             rate_limit, events = await cancel_on_disconnect(request, opened)  # refusals: plain JSON, as always
-            return ServerSentEvent(sse_events(request, events), headers=rate_limit.headers())
+            return event_stream(request, events, sse_events(request, events), rate_limit.headers())
         outcome = await cancel_on_disconnect(request, service.run(operation, body, key_id=caller.key_id))
         request.state.output_tokens = outcome.output_tokens
         return Response(outcome.response, headers=outcome.rate_limit.headers())

@@ -220,9 +220,10 @@ class InferenceEngine:
 
 
 def _sampling(call: Generate) -> Sampling:
-    """How ``call`` picks its tokens: greedy when its temperature is 0 or not given."""
+    """How ``call`` picks its tokens (greedy when its temperature is 0 or not given), and the logprobs it reports."""
     return Sampling(
         temperature=call.temperature or 0.0,
         top_p=1.0 if call.top_p is None else call.top_p,
         seed=call.seed,
+        logprobs=call.logprobs,
     )

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from ai_platform.operations import FinishReason
+from ai_platform.operations import MAX_TOP_LOGPROBS, FinishReason
 from ai_platform.runtime.onnx_model import OnnxDecoder
 from ai_platform.runtime.prefix_cache import PrefixCache
 
@@ -80,28 +80,79 @@ def sample_token(logits: np.ndarray, *, temperature: float, top_p: float, rng: n
 
 
 @dataclass(frozen=True)
+class PickedLogprobs:
+    """A picked token's log-probability under the model, and the ``k`` most likely tokens at its place."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log-probability), most likely first
+
+
+def picked_logprobs(logits: np.ndarray, token: int, k: int) -> PickedLogprobs:
+    """log_softmax(``logits``) at ``token`` and at the ``k`` largest logits (the first of equals first).
+
+    Of the raw logits (before temperature and top_p: OpenAI's and vLLM's convention). The full
+    log-softmax is not built: one exp over the vocabulary in the logits' float32 (summed in
+    float64; float64 exp costs 8 times as much) and a partial sort of k. About 0.3 ms a token
+    for a 49k vocabulary on one core.
+    """
+    x = logits if logits.dtype in (np.float32, np.float64) else logits.astype(np.float32)
+    peak = x.max()
+    log_total = float(peak) + math.log(float(np.exp(x - peak).sum(dtype=np.float64)))
+    top: tuple[tuple[int, float], ...] = ()
+    size = x.shape[-1]
+    if k > 0:
+        k = min(k, size)
+        best = np.argpartition(x, size - k)[size - k :] if k < size else np.arange(size)
+        best = best[np.lexsort((best, -x[best]))]  # by logit, descending; equal logits by id
+        top = tuple((int(i), float(x[i]) - log_total) for i in best)
+    return PickedLogprobs(token, float(x[token]) - log_total, top)
+
+
+@dataclass(frozen=True)
 class Sampling:
     """How a generation picks each token: greedy (``temperature`` 0, the default), or sampled.
 
     Sampled: from softmax(logits / ``temperature``), within the ``top_p`` nucleus, by a
     generator of the generation's own, seeded with ``seed`` (``None``: fresh entropy), so
     that rows of a batch draw independently and a seed repeats its text.
+
+    ``logprobs`` (``None``: nothing is computed): the sampler also reports each picked token's
+    :func:`picked_logprobs` with that many most likely tokens (0 to ``MAX_TOP_LOGPROBS``).
     """
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature!r}")
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be between 0 and 1, not {self.top_p!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be None or 0 to {MAX_TOP_LOGPROBS}, not {self.logprobs!r}")
 
-    def sampler(self) -> Sampler:
-        """A new sampler for one generation (its own generator: call once per generation)."""
-        if self.temperature == 0:
-            return greedy_token
+    def sampler(self, report: Callable[[PickedLogprobs], None] | None = None) -> Sampler:
+        """A new sampler for one generation (its own generator: call once per generation).
+
+        With ``logprobs`` set and a ``report``, each pick is reported (on the model's thread,
+        before the token is returned); otherwise nothing beyond the pick is computed.
+        """
+        pick = greedy_token if self.temperature == 0 else self._sample()
+        if self.logprobs is None or report is None:
+            return pick
+        k = self.logprobs
+
+        def pick_and_report(logits: np.ndarray) -> int:
+            token = pick(logits)
+            report(picked_logprobs(logits, token, k))
+            return token
+
+        return pick_and_report
+
+    def _sample(self) -> Sampler:
         # numpy seeds with non-negative integers: a negative seed is taken modulo 2**64.
         rng = np.random.default_rng(None if self.seed is None else self.seed % 2**64)
         temperature, top_p = self.temperature, self.top_p

@@ -9,14 +9,15 @@ a native crash in onnxruntime costs that model's requests in flight, not the ser
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+import dataclasses
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ai_platform.operations import Choice, Completion, Message
+from ai_platform.operations import Choice, Completion, Message, TextDelta, TokenLogprob, TopLogprob
 from ai_platform.runtime.engine_loop import EngineLoop
-from ai_platform.runtime.generation import GREEDY, Generated, Sampling
+from ai_platform.runtime.generation import GREEDY, Generated, PickedLogprobs, Sampling
 from ai_platform.runtime.kv_batch import new_batch
 from ai_platform.runtime.model import LanguageModel, PromptEncoder
 from ai_platform.runtime.model_runner import ModelRunner
@@ -95,7 +96,9 @@ class ServedModel(Protocol):
     ) -> AsyncGenerator[str | Completion, None]:
         """:meth:`generate`, yielding the text as it is decoded (``str`` deltas), then the :class:`Completion`.
 
-        Closing the iterator early cancels the generation (its row leaves the batch at the next step).
+        With ``sampling.logprobs``, the deltas are :class:`~ai_platform.operations.TextDelta` s carrying
+        their tokens' log-probabilities. Closing the iterator early cancels the generation (its row leaves
+        the batch at the next step).
         """
         ...
 
@@ -167,8 +170,16 @@ class InProcessModel:
         model = self.model
         prompt = await asyncio.to_thread(model.encode_prompt, messages)
         budget = model.budget(prompt, max_output_tokens)
-        generated = await self._engine_loop.generate(prompt, budget, model.eos_ids, **self._picking(sampling, stop))
-        return self._completion(generated, stop)
+        picks: list[PickedLogprobs] = []
+        generated = await self._engine_loop.generate(
+            prompt, budget, model.eos_ids, **self._picking(sampling, stop, picks.append)
+        )
+        completion = self._completion(generated, stop)
+        if sampling.logprobs is None:
+            return completion
+        kept = self._kept_before_stop(generated.tokens, stop)
+        logprobs = [self._token_logprob(pick) for pick in picks[:kept]]
+        return dataclasses.replace(completion, logprobs=logprobs)
 
     async def stream(
         self,
@@ -181,30 +192,96 @@ class InProcessModel:
         prompt = await asyncio.to_thread(model.encode_prompt, messages)
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
         budget = model.budget(prompt, max_output_tokens)
+        # With logprobs: picks[i] is the i-th token's (the sampler reports it before the token is handed over).
+        picks: list[PickedLogprobs] = []
         generation = asyncio.ensure_future(
             self._engine_loop.generate(
-                prompt, budget, model.eos_ids, tokens.put_nowait, **self._picking(sampling, stop)
+                prompt, budget, model.eos_ids, tokens.put_nowait, **self._picking(sampling, stop, picks.append)
             )
         )
         # Each token is handed over before the result, so the queue holds them all when None arrives.
         generation.add_done_callback(lambda _: tokens.put_nowait(None))
         deltas = TextDeltas(model.tokenizer)
         shown = StopFilter(stop)
+        with_logprobs = sampling.logprobs is not None
+        # Tokens not sent yet, each with where its text begins; one is sent with the piece that shows
+        # that place (so a token cut off by a stop string, which begins where the shown text ends, never is).
+        waiting: list[tuple[int, TokenLogprob]] = []
+        decoded = sent = 0  # characters of text decoded, and shown
+        logprobs: list[TokenLogprob] = []
         try:
+            count = 0
             while (token := await tokens.get()) is not None:
-                if (delta := deltas.push(token)) and (piece := shown.push(delta)):
-                    yield piece
+                delta = deltas.push(token)
+                if with_logprobs:
+                    waiting.append((decoded, self._token_logprob(picks[count])))
+                    count += 1
+                decoded += len(delta)
+                if delta and (piece := shown.push(delta)):
+                    if not with_logprobs:
+                        yield piece
+                        continue
+                    sent += len(piece)
+                    yield self._with_logprobs(piece, waiting, sent, logprobs)
             generated = generation.result()
         finally:
             generation.cancel()  # a no-op once it is done; else the sequence leaves the batch
-        if rest := shown.finish():
+        rest = shown.finish()
+        if with_logprobs:
+            sent += len(rest)
+            if sent == decoded:  # no stop string: every token, those of an unfinished character too
+                sent = decoded + 1
+            if rest or (waiting and waiting[0][0] < sent):
+                yield self._with_logprobs(rest, waiting, sent, logprobs)
+        elif rest:
             yield rest
-        yield self._completion(generated, stop)
+        completion = self._completion(generated, stop)
+        yield dataclasses.replace(completion, logprobs=logprobs) if with_logprobs else completion
 
-    def _picking(self, sampling: Sampling, stop: Sequence[str]) -> dict[str, Any]:
-        """How a generation picks its tokens and ends: its own sampler, and a watch for its stop strings."""
+    @staticmethod
+    def _with_logprobs(
+        piece: str, waiting: list[tuple[int, TokenLogprob]], sent: int, logprobs: list[TokenLogprob]
+    ) -> TextDelta:
+        """``piece`` with the waiting tokens whose text begins before ``sent`` (taken from ``waiting``)."""
+        ready = 0
+        while ready < len(waiting) and waiting[ready][0] < sent:
+            ready += 1
+        taken = [entry for _, entry in waiting[:ready]]
+        del waiting[:ready]
+        logprobs.extend(taken)
+        return TextDelta(piece, taken)
+
+    def _picking(
+        self, sampling: Sampling, stop: Sequence[str], report: Callable[[PickedLogprobs], None]
+    ) -> dict[str, Any]:
+        """How a generation picks its tokens and ends: its own sampler (reporting its picks' logprobs
+        if ``sampling`` asks for them), and a watch for its stop strings."""
         watch = StopWatch(self.model.tokenizer, stop).push if any(stop) else None
-        return {"sample": sampling.sampler(), "ends": watch}
+        return {"sample": sampling.sampler(report), "ends": watch}
+
+    def _token_logprob(self, pick: PickedLogprobs) -> TokenLogprob:
+        piece = self.model.tokenizer.piece
+        text, raw = piece(pick.token)
+        top = []
+        for token, logprob in pick.top:
+            top_text, top_raw = piece(token)
+            top.append(TopLogprob(token=top_text, logprob=logprob, bytes=list(top_raw)))
+        return TokenLogprob(token=text, logprob=pick.logprob, bytes=list(raw), top_logprobs=top)
+
+    def _kept_before_stop(self, tokens: Sequence[int], stop: Sequence[str]) -> int:
+        """How many of ``tokens`` begin before the first stop string in their text (all without one).
+
+        The text and the places are :class:`TextDeltas`' (as :class:`StopWatch` and a stream see them).
+        """
+        if not any(stop):
+            return len(tokens)
+        deltas = TextDeltas(self.model.tokenizer)
+        starts, text = [], ""
+        for token in tokens:
+            starts.append(len(text))
+            text += deltas.push(token)
+        end = len(cut_at_stop(text, stop))
+        return len(tokens) if end == len(text) else sum(1 for start in starts if start < end)
 
     def _completion(self, generated: Generated, stop: Sequence[str]) -> Completion:
         completion = self.model.completion(generated)

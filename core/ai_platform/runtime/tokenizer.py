@@ -7,7 +7,9 @@ prompts formatted exactly as it was trained on.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +33,23 @@ SPECIAL_TOKEN_NAMES = (
     "mask_token",
     "additional_special_tokens",
 )
+
+
+@functools.cache
+def _byte_level_bytes() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's ``bytes_to_unicode``), reversed: a token string's character to its byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(char): byte for byte, char in zip(printable, chars, strict=True)}
+
+
+BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece's byte tokens
 
 
 def _raise_exception(message: str) -> None:
@@ -94,6 +113,7 @@ class ChatTokenizer:
         self._tokenizer = tokenizer
         self._template = compile_chat_template(chat_template)
         self._special_tokens = {name: value for name, value in special_tokens.items() if value}
+        self._pieces: dict[int, tuple[str, bytes]] = {}  # token id -> (text, raw bytes), filled as asked
 
     @classmethod
     def from_folder(cls, folder: Path) -> ChatTokenizer:
@@ -129,6 +149,26 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` without special tokens."""
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def piece(self, token: int) -> tuple[str, bytes]:
+        """One token alone: its text (U+FFFD for part of a character; a special token as written) and raw bytes."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            text = self._tokenizer.decode([token], skip_special_tokens=False)
+            cached = self._pieces[token] = (text, self._raw_bytes(token, text))
+        return cached
+
+    def _raw_bytes(self, token: int, text: str) -> bytes:
+        raw = self._tokenizer.id_to_token(token)
+        if raw is None or token in self._tokenizer.get_added_tokens_decoder():
+            return text.encode()
+        if type(self._tokenizer.decoder).__name__ == "ByteLevel":
+            alphabet = _byte_level_bytes()
+            if all(char in alphabet for char in raw):
+                return bytes(alphabet[char] for char in raw)
+        if byte := BYTE_FALLBACK.match(raw):
+            return bytes([int(byte[1], 16)])
+        return text.encode()
 
 
 class TextDeltas:

@@ -168,21 +168,24 @@ class OrchestrationService:
 
     async def open_stream(
         self, operation: Operation, request: Any, *, key_id: str
-    ) -> tuple[RateLimit, AsyncGenerator[str | Outcome, None]]:
+    ) -> tuple[RateLimit, OperationStream]:
         """A request answered as a stream: everything that can refuse it runs now, as in :meth:`run`.
 
-        Returns the caller's limit after admission and an iterator of the text as it is
-        decoded (only for operations with ``stream_deltas`` and no plugin wrapping
-        ``build_response``), then the :class:`Outcome`, counted just before it is yielded.
-        Closing the iterator before that stops the generation and counts nothing.
+        Returns the caller's limit after admission and the :class:`OperationStream` of its
+        text as it is decoded (only for operations with ``stream_deltas`` and no plugin
+        wrapping ``build_response``), then its :class:`Outcome`, counted just before it is
+        yielded. Closing the stream before that (even one never iterated) stops the
+        generation and counts nothing.
         """
         admitted = await self._admit(operation, request, key_id)
-        return admitted.reservation.rate_limit, self._streamed(operation, request, admitted)
+        stream = OperationStream(
+            self.limits, admitted.reservation, lambda stream: self._streamed(operation, request, admitted, stream)
+        )
+        return admitted.reservation.rate_limit, stream
 
     async def _streamed(
-        self, operation: Operation, request: Any, admitted: _Admitted
+        self, operation: Operation, request: Any, admitted: _Admitted, stream: OperationStream
     ) -> AsyncGenerator[str | Outcome, None]:
-        settled = False
         try:
             call = admitted.call
             deltas = operation.stream_deltas and not self.hooks.wraps_responses()
@@ -202,11 +205,10 @@ class OrchestrationService:
                 async with self._model_step(admitted.deadline, admitted.loc):
                     result = await self._call_model(operation, call)
             outcome = await self._settle(operation, request, admitted, result)
-            settled = True
+            stream.settled = True
             yield outcome
         finally:
-            if not settled:  # abandoned, failed or timed out: not a served request
-                await self.limits.release(admitted.reservation)
+            await stream.give_back()  # unless settled: abandoned, failed or timed out, not a served request
 
     async def _admit(self, operation: Operation, request: Any, key_id: str) -> _Admitted:
         """Everything that can refuse the request, then its place in the limit."""
@@ -337,3 +339,44 @@ class OrchestrationService:
         except Exception as exc:
             log.exception("operation %r failed in %s", operation.name, step)
             raise OperationError(f"Operation '{operation.name}' failed.") from exc
+
+
+class OperationStream:
+    """An admitted request answered as a stream: its text as it is decoded, then its :class:`Outcome`.
+
+    It holds ``reservation`` from its admission: committed when the ``Outcome`` is produced,
+    given back otherwise, when the stream fails, when it is cancelled (its client hung up, it
+    timed out) or when it is closed, even one never iterated (a client that hangs up between
+    the admission and the first event: no generator body ever ran, so only :meth:`aclose` can
+    give the place back).
+    """
+
+    def __init__(
+        self,
+        limits: UsageLimits,
+        reservation: Reservation,
+        events: Callable[[OperationStream], AsyncGenerator[str | Outcome, None]],
+    ) -> None:
+        self._limits = limits
+        self._reservation = reservation
+        self.settled = False  # committed or given back
+        self._events = events(self)
+
+    def __aiter__(self) -> OperationStream:
+        return self
+
+    async def __anext__(self) -> str | Outcome:
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        """Stop the generation, if it runs, and give the place back unless the request was counted."""
+        try:
+            await self._events.aclose()
+        finally:
+            await self.give_back()
+
+    async def give_back(self) -> None:
+        """Give the place back, once, unless the request was counted."""
+        if not self.settled:
+            self.settled = True  # whichever of the generator's end and aclose comes first
+            await self._limits.release(self._reservation)
