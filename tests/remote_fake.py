@@ -29,6 +29,7 @@ class Reply:
     drop_after: int | None = None  # cut the connection after this many chunks
     answer: str = "technical_support"  # a non-streamed answer's content
     top_logprobs: Sequence[tuple[str, float]] = ()  # a non-streamed answer's first-token candidates
+    chunk_logprobs: Sequence[Sequence[dict[str, Any]]] = ()  # a streamed chunk's logprobs.content, per chunk
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -166,6 +167,9 @@ class FakeOpenAIServer:
         events: list[dict[str, Any] | str] = [
             {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]} for text in reply.chunks
         ]
+        if body.get("logprobs"):
+            for event, content in zip(events, reply.chunk_logprobs, strict=False):
+                event["choices"][0]["logprobs"] = {"content": list(content)}  # type: ignore[index]
         events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]})
         if usage is not None:
             events.append({"choices": [], "usage": usage})

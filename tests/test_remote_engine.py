@@ -22,7 +22,7 @@ from litestar.testing import AsyncTestClient
 from ai_platform.app import create_app
 from ai_platform.engine_router import build_engine
 from ai_platform.errors import ConfigurationError, EngineError, ServiceUnavailableError
-from ai_platform.operations import Generate, Message
+from ai_platform.operations import Generate, Message, TextDelta
 from ai_platform.plugins import load_plugins
 from ai_platform.remote.circuit import CircuitBreaker
 from ai_platform.remote.engine import FLOOR, RemoteEngine, match_option, score_options
@@ -383,5 +383,42 @@ async def test_connect_errors_are_retried_before_the_first_byte(fake: FakeOpenAI
         fake.replies.append(Reply(raw=b'{"choices": []}'))
         with pytest.raises(EngineError):
             await engine.generate("translate", call, max_output_tokens=2)
+    finally:
+        await engine.close()
+
+
+@pytest.mark.anyio
+async def test_logprobs_are_asked_for_and_passed_through(fake: FakeOpenAIServer) -> None:
+    """A Generate asking for logprobs (``/v1``'s ``logprobs``) gets the engine's, per delta and whole; bytes filled in."""
+    target = parse_target(fake.url(), setting="X").with_default_timeout(5)
+    engine = RemoteEngine({"chat": target}, probe_delays=(60, 60))
+    top = {"token": "Bon", "logprob": -0.1, "bytes": [66, 111, 110]}
+    per_chunk = [
+        [{"token": "Bon", "logprob": -0.1, "bytes": [66, 111, 110], "top_logprobs": [top]}],
+        [{"token": "jour", "logprob": -0.5, "top_logprobs": [{"token": "soir", "logprob": -1.2}]}],  # no bytes
+    ]
+    await engine.start()
+    try:
+        await _until(_async(lambda: engine.status()[0].loaded))
+        fake.replies.append(Reply(chunks=("Bon", "jour"), usage=2, chunk_logprobs=per_chunk))
+        call = Generate(messages=[Message("user", "hi")], logprobs=1)
+        items = [item async for item in engine.stream("chat", call, max_output_tokens=8)]
+        sent = fake.chat_requests()[-1].body or {}
+        assert (sent["logprobs"], sent["top_logprobs"]) == (True, 1)
+        deltas, completion = items[:-1], items[-1]
+        assert all(isinstance(delta, TextDelta) for delta in deltas) and "".join(deltas) == "Bonjour"
+        assert [lp.token for delta in deltas for lp in delta.logprobs] == ["Bon", "jour"]
+        assert completion.logprobs is not None and [lp.logprob for lp in completion.logprobs] == [-0.1, -0.5]
+        assert completion.logprobs[1].bytes == list(b"jour") and completion.logprobs[1].top_logprobs[0].bytes == list(
+            b"soir"
+        )
+
+        fake.replies.append(Reply(chunks=("x",), usage=1))
+        completion = await engine.generate("chat", Generate(messages=[Message("user", "hi")]), max_output_tokens=8)
+        assert "logprobs" not in (fake.chat_requests()[-1].body or {}) and completion.logprobs is None
+
+        fake.replies.append(Reply(chunks=("x",), usage=1, chunk_logprobs=[[{"token": 3}]]))  # not OpenAI's format
+        with pytest.raises(EngineError):
+            await engine.generate("chat", call, max_output_tokens=8)
     finally:
         await engine.close()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import msgspec
 
 from ai_platform.engine_contract import ModelStatus, PromptTooLongError
 from ai_platform.errors import (
@@ -36,7 +37,16 @@ from ai_platform.errors import (
     RequestTimeoutError,
     ServiceUnavailableError,
 )
-from ai_platform.operations import Choice, Choose, Completion, FinishReason, Generate, Message
+from ai_platform.operations import (
+    Choice,
+    Choose,
+    Completion,
+    FinishReason,
+    Generate,
+    Message,
+    TextDelta,
+    TokenLogprob,
+)
 from ai_platform.remote.circuit import DEFAULT_COOL_DOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker
 from ai_platform.remote.sse import data_events
 from ai_platform.remote.target import RemoteTarget
@@ -374,7 +384,10 @@ class RemoteEngine:
             body["seed"] = call.seed
         if call.stop:
             body["stop"] = list(call.stop)
+        if call.logprobs is not None:  # OpenAI's own fields: passed through, read back per chunk
+            body.update(logprobs=True, top_logprobs=call.logprobs)
         text: list[str] = []
+        logprobs: list[TokenLogprob] = []
         usage: int | None = None
         finish: str | None = None
         done = False
@@ -399,7 +412,13 @@ class RemoteEngine:
                     if not isinstance(delta, dict | None):
                         raise _Garbage("a choice without a delta")
                     content = (delta or {}).get("content")
-                    if isinstance(content, str) and content:
+                    if call.logprobs is not None:
+                        pieces = _token_logprobs(choice)
+                        logprobs.extend(pieces)
+                        if pieces or content:
+                            text.append(content or "")
+                            yield TextDelta(content or "", pieces)
+                    elif isinstance(content, str) and content:
                         text.append(content)
                         yield content
                     ended = choice.get("finish_reason")
@@ -416,7 +435,12 @@ class RemoteEngine:
             usage = len(text)
             self._warn_no_usage(backend)
         reason: FinishReason = "length" if finish == "length" else "stop"
-        yield Completion(text="".join(text), output_tokens=usage, finish_reason=reason)
+        yield Completion(
+            text="".join(text),
+            output_tokens=usage,
+            finish_reason=reason,
+            logprobs=logprobs if call.logprobs is not None else None,
+        )
 
     def _warn_no_usage(self, backend: _Backend) -> None:
         if not backend.warned_no_usage:
@@ -537,6 +561,25 @@ def _completion_tokens(answer: Mapping[str, Any]) -> int | None:
     usage = answer.get("usage")
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
     return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else None
+
+
+def _token_logprobs(choice: Mapping[str, Any]) -> list[TokenLogprob]:
+    """A streamed choice's ``logprobs.content`` (OpenAI's format; ``bytes`` from the text where an engine sends none)."""
+
+    def filled(entry: Mapping[str, Any]) -> dict[str, Any]:
+        given = {key: value for key, value in entry.items() if value is not None}
+        return {"bytes": list(str(entry.get("token", "")).encode()), **given}
+
+    try:
+        content = (choice.get("logprobs") or {}).get("content") or []
+        return [
+            msgspec.convert(
+                {**filled(e), "top_logprobs": [filled(t) for t in e.get("top_logprobs") or []]}, TokenLogprob
+            )
+            for e in content
+        ]
+    except (msgspec.ValidationError, TypeError, AttributeError) as exc:
+        raise _Garbage(f"logprobs not in OpenAI's format ({exc})") from None
 
 
 def _top_logprobs(answer: Mapping[str, Any]) -> list[tuple[str, float]]:
