@@ -3,7 +3,7 @@
 Two API servers (``ai-platform serve --workers 2`` and ``ai-platform serve``) on one PostgreSQL, behind the
 real nginx with ``deploy/nginx/ai-platform-upstream.conf`` (only its ports, servers and certificate changed),
 every operation on one real remote engine: a second AI Platform serving the demo model on ``/v1``
-(``remote_engines.platform_engine``; classify with ``choose=generate``, since it has no logprobs). Through
+(``remote_engines.platform_engine``; classify with ``choose=logprobs`` from its ``/v1``). Through
 nginx: a daily limit and a key's quota stay exact across the servers, and when one server is killed
 (SIGKILL, all its processes) nginx sends the next requests to the other, never resends a POST that reached
 the dead one, and nothing is counted twice.
@@ -207,8 +207,8 @@ def layout(tmp_path_factory: pytest.TempPathFactory, platform_engine: RunningEng
         stack.callback(postgres.stop)
         database_url = postgres.new_database()
 
-        models = {op: engine_target(platform_engine) for op in ("summarize", "translate")}
-        models["classify"] = engine_target(platform_engine, choose="generate")  # the platform has no logprobs
+        # classify: choose=logprobs (the default), from the engine's /v1 top_logprobs
+        models = {op: engine_target(platform_engine) for op in ("summarize", "translate", "classify")}
         servers = []
         for name, workers in (("a", 2), ("b", 1)):
             server_folder = folder / f"server-{name}"
