@@ -21,7 +21,9 @@ exiting, a worker process dying or respawned, heap-check messages in its output)
 than 503, the server's RSS (whole process tree) after the first cycle and at the end,
 whether the usage counters equal the 200s the client saw (exactly, per key and operation),
 and p50/p99 latency per operation. Exits 1 if there was a crash, an unexpected 5xx, a
-transport error, a 200 whose body breaks the contract, or a counter mismatch.
+transport error, a 200 whose body breaks the contract, a counter mismatch, an ERROR or CRITICAL
+line in the server's output, the RSS at the end more than ``--max-rss-growth`` (10%) above the
+RSS after warm-up, or a peak RSS over ``--max-peak-mb``.
 
     .venv/bin/python bench/soak.py --minutes 30 [--workers 2] [--json soak.json]
 """
@@ -805,6 +807,13 @@ def main() -> None:
         "512: the decode batch's budget, under heap checks every page of it resident; a prefill and four "
         "classify jobs' prompt caches; each process's own ~250 MB)",
     )
+    parser.add_argument(
+        "--max-rss-growth",
+        type=float,
+        default=0.10,
+        help="fail if the server tree's RSS at the end exceeds its RSS after warm-up by more than this "
+        "fraction (default: %(default)s, i.e. flat within 10%%)",
+    )
     parser.add_argument("--malloc-perturb", type=int, default=165, help="MALLOC_PERTURB_ (default: %(default)s)")
     parser.add_argument("--no-heap-checks", action="store_true", help="run without MALLOC_CHECK_/MALLOC_PERTURB_")
     parser.add_argument("--keep", action="store_true", help="keep the server's folder (logs, database)")
@@ -908,6 +917,14 @@ def main() -> None:
     max_peak = args.max_peak_mb or args.workers * (args.kv_cache_mb + 2560) + 512
     if soak.peak_rss_mb > max_peak:
         failures.append(f"peak RSS {soak.peak_rss_mb:.0f} MB > {max_peak:.0f} MB")
+    rss_end = result["rss_end_mb"]
+    if rss_end > rss_warm * (1 + args.max_rss_growth):  # NaN (no reading) compares false: a crash is counted above
+        failures.append(
+            f"RSS grew {(rss_end - rss_warm) / rss_warm:+.1%} after warm-up ({rss_warm:.0f} -> {rss_end:.0f} MB), "
+            f"more than {args.max_rss_growth:.0%}"
+        )
+    if error_lines:
+        failures.append(f"{len(error_lines)} ERROR/CRITICAL lines in the server log")
     wrong_invalid = sum(n for status, n in stats.invalid_statuses.items() if status != "422")
     if wrong_invalid:
         failures.append(f"{wrong_invalid} invalid requests not answered 422")

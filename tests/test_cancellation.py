@@ -61,6 +61,7 @@ class HeldDatabase:
     started: threading.Event = field(default_factory=threading.Event)
     go_on: threading.Event = field(default_factory=threading.Event)
     ran: list[str] = field(default_factory=list)
+    submitted: list[str] = field(default_factory=list)  # handed to the thread (queued, running or ran)
     after: Callable[[str], None] | None = None  # called on the thread after each transaction ran
 
     def hold(self, kind: str) -> None:
@@ -76,8 +77,18 @@ class HeldDatabase:
         runner._thread.submit(free.wait, 30)
         return free
 
+    def queued(self, kind: str) -> bool:
+        """Whether a transaction of ``kind`` was handed to the thread and has not run yet."""
+        return self.submitted.count(kind) > self.ran.count(kind)
+
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         run = statements.SqliteRunner._run
+        submit = statements.SqliteRunner.run
+
+        async def recorded_submit(runner: statements.SqliteRunner, transaction: Any) -> Any:
+            # No await before run_in_executor: once another task sees this entry, the thread has the transaction.
+            self.submitted.append(kind_of(transaction))
+            return await submit(runner, transaction)
 
         def held_run(runner: statements.SqliteRunner, transaction: Any) -> Any:
             kind = kind_of(transaction)
@@ -92,6 +103,7 @@ class HeldDatabase:
             return result
 
         monkeypatch.setattr(statements.SqliteRunner, "_run", held_run)
+        monkeypatch.setattr(statements.SqliteRunner, "run", recorded_submit)
 
 
 @dataclass
@@ -156,9 +168,10 @@ async def test_cancelled_before_admission(setup: Setup) -> None:
 async def test_cancelled_while_admission_waits_for_the_database_thread(setup: Setup) -> None:
     free = setup.db.busy()
     task = setup.start()
-    await asyncio.sleep(0.05)  # its admission is queued behind the busy thread
+    await eventually(lambda: setup.db.queued("admission"))  # queued behind the busy thread
     task.cancel()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # the cancellation reaches the task (it then waits to give back what it may take)
+    assert setup.db.queued("admission") and not task.done()
     free.set()
     await cancelled(task)
     assert setup.engine.calls == []
@@ -171,7 +184,8 @@ async def test_cancelled_while_admission_runs_on_the_database_thread(setup: Setu
     task = setup.start()
     await asyncio.to_thread(setup.db.started.wait, 10)
     task.cancel()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # the cancellation reaches the task while its admission still runs
+    assert setup.db.ran == [] and not task.done()
     setup.db.go_on.set()
     await cancelled(task)
     assert setup.engine.calls == []  # it never reached the model
@@ -229,9 +243,10 @@ async def test_cancelled_again_while_the_release_waits_for_the_database_thread(s
     await eventually(lambda: len(setup.engine.calls) == 1)
     free = setup.db.busy()
     task.cancel()
-    await asyncio.sleep(0.05)  # the release is queued behind the busy thread
+    await eventually(lambda: setup.db.queued("release"))  # queued behind the busy thread
     task.cancel()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # the second cancellation reaches the task
+    assert setup.db.queued("release")
     free.set()
     await cancelled(task)
     await eventually(lambda: "release" in setup.db.ran)
@@ -255,10 +270,10 @@ async def test_cancelled_during_the_commit_is_counted_once(setup: Setup, where: 
         free = setup.db.busy()  # queued behind the admission
         setup.db.go_on.set()
         await eventually(lambda: setup.db.ran == ["admission"])
-        await eventually(lambda: len(setup.engine.calls) == 1)
-        await asyncio.sleep(0.05)  # the commit is queued behind the busy thread
+        await eventually(lambda: setup.db.queued("commit"))  # queued behind the busy thread
         task.cancel()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # the cancellation reaches the task
+        assert setup.db.queued("commit")
         free.set()
     await cancelled(task)
     await eventually(lambda: "commit" in setup.db.ran)

@@ -408,6 +408,15 @@ def spy_plugin(calls: list[tuple[str, dict[str, object]]]) -> types.ModuleType:
     return module
 
 
+def test_the_hook_list_is_every_hookspec_the_core_declares() -> None:
+    """The meta-test below runs once per name in ``HOOKS``: an empty or partial list would pass it vacuously."""
+    from ai_platform import hookspecs
+
+    marker = f"{hookspecs.PROJECT_NAME}_spec"  # the attribute pluggy's HookspecMarker sets on each spec
+    declared = sorted(name for name, value in vars(hookspecs).items() if callable(value) and hasattr(value, marker))
+    assert HOOKS == declared == ["build_model_call", "build_response", "register_operations"]
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("hook", HOOKS)
 async def test_every_hookspec_is_called_by_the_core_with_all_its_arguments(platform_client: Any, hook: str) -> None:

@@ -2,8 +2,9 @@
 
 Mixed operations (with the third-party ``sentiment``), concurrency 1 -> 16 -> 1 with idle
 gaps, inputs up to the limits, clients hanging up mid-generation, constant prefix-cache
-evictions, limit changes, glibc heap checks: no process may die, no 5xx but 503, and the
-usage counters must equal the 200s the client saw.
+evictions, limit changes, glibc heap checks: no process may die, no 5xx but 503, no ERROR line
+in the server's log, RSS at the end within 10% of RSS after warm-up, and the usage counters must
+equal the 200s the client saw.
 """
 
 from __future__ import annotations
@@ -39,4 +40,8 @@ def test_one_minute_soak(tmp_path: Path, demo_model_dir: Path) -> None:
         assert summary["requests"][operation].get("200", 0) > 0, (operation, report)
     assert sum(summary["disconnects_total"].values()) > 0, report
     assert max(phase["clients"] for phase in summary["phases"]) == 16, report
+    assert summary["error_log_lines"]["count"] == 0, report
+    rss = summary["rss"]
+    assert rss["end_mb"] <= rss["after_warmup_mb"] * 1.10, report  # flat within 10% after warm-up
+    assert summary["failures"] == [], report
     assert run.returncode == 0, report

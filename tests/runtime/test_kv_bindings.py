@@ -26,15 +26,47 @@ from ai_platform.runtime.scheduler import Scheduler, SequenceRequest
 from runtime_reference import greedy_generate
 
 
+class RecordingBinding:
+    """An IO binding that remembers the pointers given to ``bind_input`` (onnxruntime cannot list its inputs)."""
+
+    def __init__(self, binding: Any) -> None:
+        self._wrapped = binding
+        self.inputs: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (pointer, shape)
+
+    def bind_input(self, name: str, device: str, device_id: int, element_type: Any, shape: Any, pointer: int) -> None:
+        self.inputs[name] = (pointer, tuple(shape))
+        self._wrapped.bind_input(name, device, device_id, element_type, shape, pointer)
+
+    def bind_cpu_input(self, name: str, array: np.ndarray) -> None:
+        self.inputs[name] = (array.ctypes.data, array.shape)
+        self._wrapped.bind_cpu_input(name, array)
+
+    def clear_binding_inputs(self) -> None:
+        self.inputs.clear()
+        self._wrapped.clear_binding_inputs()
+
+    def __getattr__(self, name: str) -> Any:  # bind_output, get_outputs, _iobinding (what run_with_iobinding uses)
+        return getattr(self._wrapped, name)
+
+
 def bound_pointers_are_live(batch: SharedBufferBatch) -> None:
-    """Every output bound (present KV and logits) is at the address of the batch's current arrays."""
+    """Every KV input and output bound (past and present KV, logits) is at the address of the batch's current arrays."""
     decoder = batch._decoder
     outputs = batch._binding.get_outputs()
     assert len(outputs) == len(decoder.present_names) + 1
     live = [buffer.ctypes.data for buffer in batch._buffers] + [batch._logits.ctypes.data]
     bound = [value.data_ptr() for value in outputs]
     stale = [name for name, b, a in zip([*decoder.present_names, "logits"], bound, live, strict=True) if b != a]
-    assert not stale, f"{len(stale)} of {len(live)} bindings point at replaced memory: {stale[:4]}"
+    assert not stale, f"{len(stale)} of {len(live)} output bindings point at replaced memory: {stale[:4]}"
+    binding = batch._binding
+    assert isinstance(binding, RecordingBinding)
+    rows = batch.size
+    inputs = [binding.inputs.get(name) for name in decoder.past_names]
+    expected = [(buffer.ctypes.data, (rows, *buffer.shape[1:])) for buffer in batch._buffers]
+    stale = [name for name, b, a in zip(decoder.past_names, inputs, expected, strict=True) if b != a]
+    assert not stale, f"{len(stale)} of {len(expected)} past inputs are bound to replaced memory: {stale[:4]}"
+    for name, array in (("input_ids", batch._ids), ("attention_mask", batch._mask)):
+        assert binding.inputs[name] == (array.ctypes.data, array.shape), name
 
 
 def run(batch: Scheduler, model: LanguageModel, prompts: list[list[int]], budget: int) -> list[Generated]:
@@ -49,6 +81,8 @@ def run(batch: Scheduler, model: LanguageModel, prompts: list[list[int]], budget
         return finish
 
     shared: SharedBufferBatch = batch._runner.batch  # type: ignore[assignment]
+    if not isinstance(shared._binding, RecordingBinding):
+        shared._binding = RecordingBinding(shared._binding)  # type: ignore[assignment]
     step = SharedBufferBatch.step
 
     def checked_step(tokens: list[int]) -> np.ndarray:

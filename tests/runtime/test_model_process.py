@@ -52,6 +52,22 @@ async def wait_for(condition: object, seconds: float = 30) -> None:
             await anyio.sleep(0.02)
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def working_in_child(process: ModelProcess, calls: int) -> None:
+    """Wait until the child's scheduler holds ``calls`` calls and has spent 50 ms of CPU on them (decoding)."""
+    with anyio.fail_after(30):
+        while await process.child_queue_depth() != calls:
+            await anyio.sleep(0.02)
+    assert process.pid is not None
+    child = psutil.Process(process.pid)
+    started = cpu_seconds(child)
+    await wait_for(lambda: cpu_seconds(child) - started >= 0.05)
+
+
 async def test_answers_equal_the_in_process_model(process: ModelProcess, tiny_model: LanguageModel) -> None:
     assert process.provider == "CPUExecutionProvider" and process.pid not in (None, os.getpid())
     completion = await process.generate(messages("the fox"), 20)
@@ -98,7 +114,7 @@ async def test_a_killed_model_process_fails_its_calls_503_and_comes_back(
         for index in range(4):
             tg.start_soon(call, f"topic {index}")
         await wait_for(lambda: process.queue_depth == 4)
-        await anyio.sleep(0.2)  # decoding
+        await working_in_child(process, 4)
         os.kill(victim, sig)
     assert len(outcomes) == 4 and all(isinstance(o, ModelUnavailableError) for o in outcomes), outcomes
     error = outcomes[0]
@@ -118,9 +134,35 @@ async def test_a_killed_model_process_fails_its_calls_503_and_comes_back(
 
 
 async def test_a_cancelled_call_stops_in_the_child(process: ModelProcess, tiny_model: LanguageModel) -> None:
-    with anyio.move_on_after(0.3):
-        await process.generate(messages("cancel me"), LONG)
-    assert process.queue_depth == 0
+    with anyio.CancelScope() as scope:
+
+        async def cancel_once_decoding() -> None:
+            await wait_for(lambda: process.queue_depth == 1)
+            await working_in_child(process, 1)
+            scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_once_decoding)
+            await process.generate(messages("cancel me"), LONG)
+            pytest.fail("the call ended before it was cancelled")
+    assert process.queue_depth == 0  # this side forgets the call at once
+    # The child stops the call and says so; its scheduler then holds nothing, so its loop takes no more steps.
+    await wait_for(lambda: process.cancels_acknowledged == 1, seconds=5)
+    child = psutil.Process(process.pid)
+    acknowledged = cpu_seconds(child)
+    with anyio.fail_after(5):
+        while await process.child_queue_depth() != 0:
+            await anyio.sleep(0.02)
+    for _ in range(5):
+        await anyio.sleep(0.05)
+        assert await process.child_queue_depth() == 0
+    # And it does no more work: a child that kept decoding the cancelled sequence to its LONG limit burns
+    # about a CPU second here (measured: 0.8 s with the cancel ignored, 0.0 s as it is).
+    assert cpu_seconds(child) - acknowledged < 0.25
+    # The batch it left still works: a short call right after gets the reference answer.
+    with anyio.fail_after(5):
+        completion = await process.generate(messages("next"), 8)
+    assert completion.text == reference(tiny_model, "next", 8)
     # The child drops the sequence at its next step: a short call right after is not stuck behind it.
     with anyio.fail_after(5):
         completion = await process.generate(messages("next"), 8)

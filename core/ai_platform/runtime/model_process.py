@@ -147,6 +147,8 @@ class _ChildServer:
             task = self._tasks.get(message[1])
             if task is not None:
                 task.cancel()  # the engine loop drops the call, or its sequence leaves the batch at the next step
+        elif kind == "queue_depth":
+            self._send(("done", message[1], self._model.queue_depth, self._model.reused_prompt_tokens))
         else:
             _, call_id, payload = message
             self._tasks[call_id] = asyncio.ensure_future(self._run(call_id, kind, payload))
@@ -198,6 +200,7 @@ class ModelProcess:
         self._process: BaseProcess | None = None  # the current child, loading or serving
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._streams: dict[int, asyncio.Queue[Any]] = {}  # streaming calls: deltas, then the result or an error
+        self._probes: dict[int, asyncio.Future[Any]] = {}  # child_queue_depth() calls (not counted in queue_depth)
         self._ids = itertools.count()
         self._provider: str | None = None
         self._encoder: PromptEncoder | None = None  # the text side, loaded here too
@@ -209,6 +212,7 @@ class ModelProcess:
         self._closing = False
         self._restarting: asyncio.Task[None] | None = None
         self.restarts = 0
+        self.cancels_acknowledged = 0  # calls the child reported stopped after they were cancelled
 
     @property
     def loaded(self) -> bool:
@@ -239,6 +243,15 @@ class ModelProcess:
     def pid(self) -> int | None:
         """The current child's process id (None while none runs)."""
         return self._process.pid if self._process is not None else None
+
+    async def child_queue_depth(self) -> int:
+        """Calls waiting or running inside the child, as its scheduler counts them now.
+
+        ``queue_depth`` is this side's count, which drops as soon as a caller gives up; this
+        one drops once the child has dropped the call (a cancelled sequence left its batch).
+        """
+        depth: int = await self._call("queue_depth", (), self._probes)
+        return depth
 
     async def start(self) -> None:
         """Start the child and wait until it has loaded the model; on failure, ``error`` says why."""
@@ -300,6 +313,8 @@ class ModelProcess:
 
     def _on_reply(self, message: tuple[Any, ...]) -> None:
         kind, call_id = message[0], message[1]
+        if kind == "cancelled":
+            self.cancels_acknowledged += 1
         if call_id in self._streams:
             if kind == "delta":
                 self._streams[call_id].put_nowait(message[2])
@@ -311,7 +326,7 @@ class ModelProcess:
             else:
                 stream.put_nowait(_decode_error(message[2]) if kind == "failed" else self._dropped())
             return
-        future = self._pending.pop(call_id, None)
+        future = self._pending.pop(call_id, None) or self._probes.pop(call_id, None)
         if future is None or future.done():  # the caller cancelled meanwhile
             return
         if kind == "done":
@@ -366,7 +381,8 @@ class ModelProcess:
             self._error = f"restart failed ({self._error}); retrying"
 
     def _fail_pending(self, error: Exception) -> None:
-        pending, self._pending = self._pending, {}
+        pending, self._pending = {**self._pending, **self._probes}, {}
+        self._probes = {}
         for future in pending.values():
             if not future.done():
                 future.set_exception(error)
@@ -398,14 +414,15 @@ class ModelProcess:
             with contextlib.suppress(OSError):
                 conn.send(("cancel", call_id))
 
-    async def _call(self, kind: str, payload: tuple[Any, ...]) -> Any:
+    async def _call(self, kind: str, payload: tuple[Any, ...], waiting: dict[int, Any] | None = None) -> Any:
         assert self._loop is not None
+        waiting = self._pending if waiting is None else waiting
         future = self._loop.create_future()
-        call_id, conn = self._submit(kind, payload, self._pending, future)
+        call_id, conn = self._submit(kind, payload, waiting, future)
         try:
             return await future
         except asyncio.CancelledError:
-            self._cancel(call_id, conn, self._pending)
+            self._cancel(call_id, conn, waiting)
             raise
 
     async def stream(
