@@ -27,7 +27,7 @@ from ai_platform.evaluation.report import as_json, table
 from ai_platform.evaluation.runner import run_example
 from ai_platform.evaluation.scoring import score
 from ai_platform.operations import Example, examples_file
-from ai_platform.testing import FakeEngine, platform_env
+from ai_platform.testing import FakeEngine
 
 CLI = str(Path(sys.executable).parent / "ai-platform")
 BUILT_IN = {
@@ -232,6 +232,8 @@ class Engines:
 @pytest.mark.anyio
 async def test_evaluate_scores_models_against_the_reference(tmp_path: Path) -> None:
     good, other = ModelTarget("good", tmp_path / "good"), ModelTarget("other", tmp_path / "other")
+    good.path.mkdir()
+    (good.path / "export.json").write_text('{"precision": "fp32"}')  # "other" records none
     operations = {"echo": ECHO, "classify": BUILT_IN["classify"]}
     work = plan(list(operations), [other], {}, good)
     assert [(t.label, ops) for t, ops in work] == [("good", ["echo", "classify"]), ("other", ["echo", "classify"])]
@@ -251,11 +253,15 @@ async def test_evaluate_scores_models_against_the_reference(tmp_path: Path) -> N
     assert classify_good.score is not None and classify_good.score.metric == "accuracy"
     assert {"macro_f1", "ece"} <= classify_good.score.details.keys() and classify_good.score.reliability
     assert classify_good.tokens_per_second is None and classify_other.delta == pytest.approx(0.0)
+    assert [r.precision for r in rows] == ["fp32", None, "fp32", None]  # read as GET /health reads it
     text = table(rows)
-    assert text.splitlines()[0].split()[:3] == ["OPERATION", "MODEL", "N"]
+    assert text.splitlines()[0].split()[:4] == ["OPERATION", "MODEL", "PRECISION", "N"]
+    assert text.splitlines()[1].split()[:3] == ["echo", "good", "fp32"]
+    assert text.splitlines()[2].split()[:3] == ["echo", "other", "-"]
     assert "(ref)" in text and "Reliability of classify on good" in text
     body = json.loads(json.dumps(as_json(rows, split="all", limit=None)))
     assert body["reference"] == "good"
+    assert [r["precision"] for r in body["results"]] == ["fp32", None, "fp32", None]
     first = body["results"][1]
     assert first["operation"] == "echo" and first["delta_vs_reference"] < -50
     assert first["runs"][0]["response"] == {"translated_text": "Au revoir."}
@@ -315,9 +321,9 @@ def test_choose_operations_without_confidence_use_the_chosen_probability() -> No
 
 
 def eval_env(tmp_path: Path, models_dir: Path, **extra: str) -> dict[str, str]:
-    env = platform_env(tmp_path, MODELS_DIR=str(models_dir), **extra)
-    env.pop("DEFAULT_MODEL")
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **env}
+    """Plugin and model settings only, in a folder without ``.env``: eval needs no SECRET_KEY, keys or database."""
+    path = os.environ.get("PATH", "/usr/bin:/bin")
+    return {"PATH": path, "HOME": str(tmp_path), "MODELS_DIR": str(models_dir), **extra}
 
 
 def test_eval_command_on_the_tiny_model(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -340,7 +346,7 @@ def test_eval_command_on_the_tiny_model(tmp_path: Path, tiny_model_dir: Path) ->
     for (_, model), row in rows.items():
         assert row["examples"] == 2 and row["errors"] == 0, row
         assert row["score"] is not None and row["latency_ms"]["mean"] > 0 and row["latency_ms"]["p95"] > 0
-        assert row["is_reference"] == (model == "tiny-copy")
+        assert row["is_reference"] == (model == "tiny-copy") and row["precision"] == "fp32"
         if model == "tiny":
             assert row["delta_vs_reference"] == pytest.approx(0.0)
     assert rows[("classify", "tiny")]["metric"] == rows[("sentiment", "tiny")]["metric"] == "accuracy"
@@ -357,9 +363,9 @@ def test_eval_command_on_the_tiny_model(tmp_path: Path, tiny_model_dir: Path) ->
     assert table_run.returncode == 0, table_run.stderr
     lines = table_run.stdout.splitlines()
     assert lines[0] == "ai-platform eval: split heldout, at most 2 per operation"
-    assert lines[1].split()[:4] == ["OPERATION", "MODEL", "N", "ERR"]
-    assert lines[2].split()[:2] == ["classify", "tiny-copy"] and lines[2].rstrip().endswith("(ref)")
-    assert lines[3].split()[:2] == ["classify", "tiny"] and lines[3].rstrip().endswith("+0.0")
+    assert lines[1].split()[:5] == ["OPERATION", "MODEL", "PRECISION", "N", "ERR"]
+    assert lines[2].split()[:3] == ["classify", "tiny-copy", "fp32"] and lines[2].rstrip().endswith("(ref)")
+    assert lines[3].split()[:3] == ["classify", "tiny", "fp32"] and lines[3].rstrip().endswith("+0.0")
 
 
 def test_eval_command_refuses_what_it_cannot_do(tmp_path: Path) -> None:

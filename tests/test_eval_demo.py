@@ -32,6 +32,7 @@ def test_eval_on_the_demo_model(tmp_path: Path, demo_model_dir: Path) -> None:
     assert sorted(rows) == ["classify", "summarize", "translate"]
     for row in rows.values():
         assert row["model"] == demo_model_dir.name and row["examples"] == 2 and row["errors"] == 0, row
+        assert row["precision"] in ("fp32", "int8", "int4")  # from the folder's export.json
         assert 0 <= row["score"] <= 100 and row["latency_ms"]["p95"] >= row["latency_ms"]["mean"] / 2 > 0
         assert all(run["response"] is not None for run in row["runs"])
     assert rows["classify"]["metric"] == "accuracy" and 0 <= rows["classify"]["details"]["ece"] <= 1

@@ -156,12 +156,15 @@ def test_models_export_passes_the_threshold_and_strict_to_the_exporter(tmp_path:
 
 
 def test_models_export_passes_builder_options_to_the_exporter(tmp_path: Path) -> None:
-    """The exporter, not the CLI, checks them: an option that needs the genai format is refused by it."""
+    """The exporter, not the CLI, checks them: an option that needs the genai format is refused by it.
+
+    Run where there is no ``.env`` and no key is set: exporting reads only MODELS_DIR, no secrets.
+    """
     command = [str(Path(sys.executable).parent / "ai-platform"), "models", "export", str(tmp_path), "x"]
-    command += ["--format", "optimum", "--models-dir", str(tmp_path / "models")]
-    command += ["--builder-option", "int4_block_size=32"]
-    environment = dict(os.environ, AI_PLATFORM_EXPORT_PYTHON=EXPORT_PYTHON)
-    result = subprocess.run(command, env=environment, capture_output=True, text=True)
+    command += ["--format", "optimum", "--builder-option", "int4_block_size=32"]
+    environment = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "VALID_API_KEYS")}
+    environment.update(AI_PLATFORM_EXPORT_PYTHON=EXPORT_PYTHON, MODELS_DIR=str(tmp_path / "models"))
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0
     assert "--builder-option needs --format genai" in result.stderr
 

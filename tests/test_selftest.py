@@ -17,9 +17,11 @@ import ai_platform_classify
 import ai_platform_summarize
 import ai_platform_translate
 from ai_platform import Choose, Limits, Message, Operation, ResponseMeta
+from ai_platform.errors import ConfigurationError
 from ai_platform.evaluation.selftest import selftest
 from ai_platform.operations import Example
-from ai_platform.testing import ADMIN_HEADERS, CLIENT_HEADERS, FakeEngine, platform_env
+from ai_platform.settings import Settings
+from ai_platform.testing import ADMIN_HEADERS, CLIENT_HEADERS, FakeEngine
 
 CLI = str(Path(sys.executable).parent / "ai-platform")
 BUILT_IN = (
@@ -78,11 +80,28 @@ async def test_selftest_has_a_deadline() -> None:
 
 
 def selftest_env(tmp_path: Path, models_dir: Path, model: str) -> dict[str, str]:
-    env = platform_env(
-        tmp_path, MODELS_DIR=str(models_dir), DEFAULT_MODEL=model, OPERATION_MODEL_MAP="{}",
-        ENABLED_PLUGINS="summarize,translate,classify,sentiment",
-    )  # fmt: skip
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **env}
+    """Plugin and model settings only, in a folder without ``.env``: no SECRET_KEY, no keys, no database."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "MODELS_DIR": str(models_dir),
+        "DEFAULT_MODEL": model, "OPERATION_MODEL_MAP": "{}", "ENABLED_PLUGINS": "summarize,translate,classify,sentiment",
+    }  # fmt: skip
+
+
+def test_model_commands_read_only_plugin_and_model_settings(tmp_path: Path) -> None:
+    """eval and selftest serve no HTTP: they read the plugin and model settings (``Settings.for_models``), and
+    neither need nor check keys, which ``serve``'s settings require."""
+    (tmp_path / ".env").write_text("SECRET_KEY=change-me\nMODELS_DIR=/srv/models\nDATABASE_URL=mysql://x\n")
+    env = {"DEFAULT_MODEL": "m", "MAX_BATCH_PER_MODEL": "4", "EXECUTION_PROVIDER": "cpu"}
+    with pytest.raises(ConfigurationError):
+        Settings.from_env(env, env_file=tmp_path / ".env")
+    settings = Settings.for_models(env, env_file=tmp_path / ".env")
+    assert settings.models_dir == Path("/srv/models") and settings.default_model == "m"
+    assert settings.max_batch_per_model == 4 and settings.execution_provider == "cpu"
+    assert settings.database_url == Settings.for_models({}, env_file=None).database_url  # not read: its default
+    assert settings.secret_key != Settings.for_models({}, env_file=None).secret_key  # random, known to nobody
+    assert Settings.for_models({}, env_file=None).admin_api_keys == []
+    with pytest.raises(ConfigurationError, match="MAX_QUEUE_PER_MODEL"):  # what it reads is still checked
+        Settings.for_models({"MAX_QUEUE_PER_MODEL": "0"}, env_file=None)
 
 
 def test_selftest_command_on_the_tiny_model(tmp_path: Path, tiny_model_dir: Path) -> None:

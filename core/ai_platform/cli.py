@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -40,9 +41,9 @@ def app_factory() -> object:
     return create_app(Settings.from_env())
 
 
-def _settings() -> Settings:
+def _settings(read: Callable[[], Settings] = Settings.from_env) -> Settings:
     try:
-        return Settings.from_env()
+        return read()
     except ConfigurationError as exc:
         sys.exit(f"ai-platform: invalid configuration: {exc}")
 
@@ -95,7 +96,7 @@ def cmd_models_export(args: argparse.Namespace) -> None:
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         sys.exit(f"ai-platform: no export environment at {', '.join(missing)}: run `make export-tools` first")
-    out = Path(args.models_dir or _settings().models_dir) / args.name
+    out = Path(args.models_dir or _settings(Settings.for_models).models_dir) / args.name  # no keys needed
     command = [str(export_python), "-m", "ai_platform.export", "hf", "--source", args.source, "--out", str(out)]
     command += ["--format", args.format, "--precision", args.precision, "--genai-python", str(genai_python)]
     for option, value in (("--min-top1", args.min_top1), ("--max-kl", args.max_kl)):

@@ -1,7 +1,8 @@
 """Settings: one typed object read once from the environment and ``.env``.
 
 :class:`PluginSettings` is its part that chooses plugins and their models, all that
-``ai-platform plugins`` reads: listing needs no secrets.
+``ai-platform plugins`` reads: listing needs no secrets. ``ai-platform eval`` and ``selftest``
+read those and how models run (:meth:`Settings.for_models`): they serve no HTTP, so no keys either.
 
 Environment variables win over the ``.env`` file. List settings accept a JSON
 list (the seed's ``VALID_API_KEYS=["a","b"]``) or a comma-separated string.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, get_args
@@ -57,6 +59,19 @@ DATABASE_SCHEMES = ("sqlite", "postgres", "postgresql")
 ExecutionProvider = Literal["auto", "cpu", "cuda"]
 EXECUTION_PROVIDERS: tuple[ExecutionProvider, ...] = get_args(ExecutionProvider)
 
+# What `ai-platform eval` and `selftest` read besides the plugin settings (Settings.for_models): how models
+# are found and run, as `serve` runs them.
+MODEL_SETTINGS = (
+    "models_dir",
+    "execution_provider",
+    "max_queue_per_model",
+    "max_batch_per_model",
+    "prefix_cache_mb",
+    "kv_cache_mb",
+    "model_isolation",
+    "request_timeout_seconds",  # a remote engine's default timeout
+)
+
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 
@@ -88,11 +103,7 @@ class PluginSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env") -> Self:
         """Read settings from ``environ`` (default ``os.environ``) over ``env_file``."""
-        values: dict[str, str] = {}
-        if env_file is not None and Path(env_file).is_file():
-            values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-        values.update(os.environ if environ is None else environ)
-        return cls.from_mapping(values)
+        return cls.from_mapping(_environment(environ, env_file))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str]) -> Self:
@@ -153,6 +164,21 @@ class Settings(PluginSettings, kw_only=True, frozen=True, forbid_unknown_fields=
         if problem:
             raise ConfigurationError(f"DATABASE_URL: {problem}")
 
+    @classmethod
+    def for_models(cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env") -> Self:
+        """Settings for commands that run models but serve no HTTP (``ai-platform eval``, ``selftest``).
+
+        Only the plugin settings and :data:`MODEL_SETTINGS` are read (``environ`` over ``env_file``, as
+        :meth:`from_env`), so these commands work in a folder without ``.env`` and never check its keys.
+        Every other setting keeps its default, and the secrets, which no request is checked against in
+        such a process, are random values nobody knows.
+        """
+        names = {field.name.upper() for field in msgspec.structs.fields(PluginSettings)}
+        names.update(name.upper() for name in MODEL_SETTINGS)
+        values = {name: value for name, value in _environment(environ, env_file).items() if name in names}
+        values.update(SECRET_KEY=secrets.token_urlsafe(48), VALID_API_KEYS=secrets.token_urlsafe(32))
+        return cls.from_mapping(values)
+
     @property
     def limit_zone(self) -> ZoneInfo:
         """The time zone whose midnight starts a new limit day."""
@@ -168,6 +194,15 @@ class Settings(PluginSettings, kw_only=True, frozen=True, forbid_unknown_fields=
 
     def __repr__(self) -> str:
         return f"Settings({self.redacted()!r})"
+
+
+def _environment(environ: Mapping[str, str] | None, env_file: str | Path | None) -> dict[str, str]:
+    """The variables ``environ`` (default ``os.environ``) sets, over those of ``env_file`` if it exists."""
+    values: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update(os.environ if environ is None else environ)
+    return values
 
 
 def _secret_problems(name: str, values: list[str]) -> list[str]:

@@ -16,8 +16,9 @@ from ai_platform.settings import Settings
 
 
 def _settings() -> Settings:
+    """The plugin and model settings only: eval and selftest serve no HTTP, so they need no ``.env`` or keys."""
     try:
-        return Settings.from_env()
+        return Settings.for_models()
     except ConfigurationError as exc:
         sys.exit(f"ai-platform: invalid configuration: {exc}")
 

@@ -55,6 +55,7 @@ class Row:
     error: str | None = None  # the model could not be used at all
     is_reference: bool = False
     delta: float | None = None  # score minus the reference folder's score (points)
+    precision: str | None = None  # of the folder's weights (fp32, int8, int4), from its export.json; None: unknown
 
     @property
     def errors(self) -> int:
@@ -76,6 +77,14 @@ class Row:
         generated = [run for run in self.runs if run.ok and isinstance(run.call, Generate)]
         seconds = sum(run.model_s for run in generated)
         return sum(run.output_tokens for run in generated) / seconds if generated and seconds > 0 else None
+
+
+def folder_precision(folder: Path) -> str | None:
+    """The precision a model folder's ``export.json`` records, as ``GET /health`` shows it (None: not recorded)."""
+    from ai_platform.export.model_folder import read_export_record  # no torch: the server reads it too
+
+    record = read_export_record(folder)
+    return record.precision if record is not None else None
 
 
 def plan(
@@ -119,13 +128,14 @@ async def evaluate(
     """Run and score; rows in the order of ``operations``, the reference folder first in each."""
     rows: list[Row] = []
     for target, names in work:
+        precision = folder_precision(target.path)
         engine = engine_factory(target.path.parent, {name: target.path.name for name in names})
         await engine.start()
         try:
             statuses = {s.operation: s for s in engine.status()}
             for name in names:
                 operation = operations[name]
-                row = Row(operation=name, model=target)
+                row = Row(operation=name, model=target, precision=precision)
                 rows.append(row)
                 status = statuses.get(name)
                 if status is not None and not status.loaded:

@@ -9,7 +9,10 @@ import msgspec
 
 from ai_platform.evaluation.evaluate import Row
 
-HEADER = ("OPERATION", "MODEL", "N", "ERR", "SCORE", "METRIC", "DETAILS", "MEAN MS", "P95 MS", "TOK/S", "Δ REF")
+HEADER = (
+    *("OPERATION", "MODEL", "PRECISION", "N", "ERR", "SCORE", "METRIC"),
+    *("DETAILS", "MEAN MS", "P95 MS", "TOK/S", "Δ REF"),
+)
 
 
 def _number(value: float | None, digits: int = 1) -> str:
@@ -51,6 +54,7 @@ def table(rows: Sequence[Row]) -> str:
             (
                 row.operation,
                 row.model.label,
+                row.precision or "-",
                 str(len(row.runs)),
                 str(row.errors),
                 _number(score.value if score else None),
@@ -63,7 +67,7 @@ def table(rows: Sequence[Row]) -> str:
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
-    numeric = {2, 3, 4, 7, 8, 9, 10}
+    numeric = {3, 4, 5, 8, 9, 10, 11}
     out = [
         "  ".join(
             cell.rjust(w) if i in numeric else cell.ljust(w)
@@ -106,6 +110,7 @@ def as_json(rows: Sequence[Row], *, split: str, limit: int | None) -> dict[str, 
                 "operation": row.operation,
                 "model": row.model.label,
                 "model_path": str(row.model.path),
+                "precision": row.precision,
                 "is_reference": row.is_reference,
                 "examples": len(row.runs),
                 "errors": row.errors,
