@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -62,3 +63,27 @@ def test_a_character_split_across_tokens_waits_for_its_last_byte(tiny_model: Lan
     pieces = [deltas.push(token) for token in tokens]
     assert "".join(pieces) == tokenizer.decode(tokens).lstrip()
     assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_deltas_of_any_token_sequence_add_up_to_its_text(tiny_model: LanguageModel) -> None:
+    """Token by token, the deltas so far are the start of the whole text; joined, they are all of it.
+
+    Random ids (special tokens, bytes that never complete a character included) and real text in
+    several scripts: what a model may emit, not only what the tokenizer makes of good text.
+    """
+    tokenizer = tiny_model.tokenizer
+    rng = random.Random(7)
+    texts = ["  Bonjour — 東京、مرحبا 😀👍🏽 ok", "\n\tnaïve café", "русский текст 🎉"]
+    sequences = [tokenizer.encode(text) for text in texts]
+    sequences += [
+        [rng.randrange(tiny_model.decoder.vocab_size) for _ in range(rng.randrange(1, 80))] for _ in range(200)
+    ]
+    for tokens in sequences:
+        deltas = TextDeltas(tokenizer)
+        shown = ""
+        for count, token in enumerate(tokens, 1):
+            shown += deltas.push(token)
+            text = tokenizer.decode(tokens[:count]).lstrip()
+            assert text.startswith(shown), (tokens[:count], shown, text)
+            if not text.endswith("\ufffd"):
+                assert shown == text, (tokens[:count], shown, text)
