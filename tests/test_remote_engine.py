@@ -420,5 +420,9 @@ async def test_logprobs_are_asked_for_and_passed_through(fake: FakeOpenAIServer)
         fake.replies.append(Reply(chunks=("x",), usage=1, chunk_logprobs=[[{"token": 3}]]))  # not OpenAI's format
         with pytest.raises(EngineError):
             await engine.generate("chat", call, max_output_tokens=8)
+
+        fake.replies.append(Reply(chunks=("Bon", "jour"), usage=None))  # an engine that ignores logprobs
+        completion = await engine.generate("chat", call, max_output_tokens=8)
+        assert completion.text == "Bonjour" and completion.logprobs is None and completion.output_tokens == 2
     finally:
         await engine.close()

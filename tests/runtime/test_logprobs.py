@@ -49,6 +49,9 @@ def test_picked_logprobs_are_the_log_softmax_of_the_raw_logits() -> None:
     assert [logprob for _, logprob in pick.top] == pytest.approx(reference[[1, 2, 0]], abs=1e-6)
     assert picked_logprobs(logits, 1, 0).top == ()
     assert [token for token, _ in picked_logprobs(logits, 1, 5).top] == [1, 2, 0, 4, 3]  # k = the vocabulary
+    # A token the graph masks (-inf) has OpenAI's floor, a number JSON can hold (NaN and inf it cannot).
+    masked = picked_logprobs(np.array([1.0, -np.inf, np.nan], dtype=np.float32), 1, 3)
+    assert masked.logprob == -9999.0 and all(np.isfinite(lp) for _, lp in masked.top)
     # A sampled token's log-probability is of the model's distribution, not of the tempered one.
     reported: list[PickedLogprobs] = []
     token = Sampling(temperature=2.0, top_p=0.5, seed=1, logprobs=2).sampler(reported.append)(logits)

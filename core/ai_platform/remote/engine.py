@@ -411,15 +411,17 @@ class RemoteEngine:
                     delta = choice.get("delta") if isinstance(choice, dict) else None
                     if not isinstance(delta, dict | None):
                         raise _Garbage("a choice without a delta")
-                    content = (delta or {}).get("content")
+                    content = (delta or {}).get("content") or ""
+                    if not isinstance(content, str):
+                        raise _Garbage("a delta whose content is not text")
+                    if content:
+                        text.append(content)
                     if call.logprobs is not None:
                         pieces = _token_logprobs(choice)
                         logprobs.extend(pieces)
                         if pieces or content:
-                            text.append(content or "")
-                            yield TextDelta(content or "", pieces)
-                    elif isinstance(content, str) and content:
-                        text.append(content)
+                            yield TextDelta(content, pieces)
+                    elif content:
                         yield content
                     ended = choice.get("finish_reason")
                     if isinstance(ended, str) and ended:
@@ -432,14 +434,16 @@ class RemoteEngine:
             if not done and finish is None:
                 raise _Dropped("the stream ended without a finish_reason or [DONE]")
         if usage is None:
-            usage = len(text)
+            usage = len(logprobs) or len(text)  # one entry per token where the engine sent logprobs
             self._warn_no_usage(backend)
         reason: FinishReason = "length" if finish == "length" else "stop"
+        # None where the engine computes none (it ignored the request): not an empty list for a text.
+        given = call.logprobs is not None and (bool(logprobs) or not text)
         yield Completion(
             text="".join(text),
             output_tokens=usage,
             finish_reason=reason,
-            logprobs=logprobs if call.logprobs is not None else None,
+            logprobs=logprobs if given else None,
         )
 
     def _warn_no_usage(self, backend: _Backend) -> None:

@@ -79,6 +79,9 @@ def sample_token(logits: np.ndarray, *, temperature: float, top_p: float, rng: n
     return int(candidates[index]) if candidates is not None else index
 
 
+LOGPROB_FLOOR = -9999.0  # what OpenAI's API reports for a token of no probability
+
+
 @dataclass(frozen=True)
 class PickedLogprobs:
     """A picked token's log-probability under the model, and the ``k`` most likely tokens at its place."""
@@ -105,8 +108,13 @@ def picked_logprobs(logits: np.ndarray, token: int, k: int) -> PickedLogprobs:
         k = min(k, size)
         best = np.argpartition(x, size - k)[size - k :] if k < size else np.arange(size)
         best = best[np.lexsort((best, -x[best]))]  # by logit, descending; equal logits by id
-        top = tuple((int(i), float(x[i]) - log_total) for i in best)
-    return PickedLogprobs(token, float(x[token]) - log_total, top)
+        top = tuple((int(i), _finite(float(x[i]) - log_total)) for i in best)
+    return PickedLogprobs(token, _finite(float(x[token]) - log_total), top)
+
+
+def _finite(logprob: float) -> float:
+    """``logprob``, or OpenAI's floor of -9999 for an impossible token (a -inf or NaN logit), which JSON cannot hold."""
+    return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 @dataclass(frozen=True)
