@@ -249,6 +249,46 @@ async def test_reservations_settle_exactly_once_and_days_reset(tmp_path: object)
         await service.admit("summarize", "k1")
 
 
+async def test_admin_writes_succeed_while_requests_are_counted(tmp_path: Path) -> None:
+    """PUT /limits and /quotas while requests are admitted and counted on the same SQLite file.
+
+    Before: update_or_create read, then wrote; on SQLite (WAL) a transaction that read before
+    another connection's commit cannot write, and 291 of 600 such writes failed at once as
+    "database is locked" (a 503 to the admin). Now each is one upsert statement.
+    """
+    from ai_platform.usage.models import KeyQuota, OperationLimit
+    from ai_platform_summarize import OPERATION
+
+    db = Database(f"sqlite://{tmp_path}/limits.sqlite3")
+    service = LimitService(db, {"summarize": OPERATION}, default_daily_limit=10**9)
+    done = asyncio.Event()
+
+    async def traffic(key: str) -> int:
+        served = 0
+        while not done.is_set():
+            await service.commit(await service.admit("summarize", key), tokens=3)
+            served += 1
+        return served
+
+    async with db.opened():
+        clients = [asyncio.create_task(traffic(f"k{n}")) for n in range(4)]
+        try:
+            first = await service.set_daily_limit("summarize", 10**9)
+            created = (await OperationLimit.get(operation="summarize")).updated_at
+            for step in range(1, 101):
+                await service.set_daily_limit("summarize", 10**9 + step)
+                await service.set_quota("k1", "summarize", 10**9 + step)
+        finally:
+            done.set()
+            served = sum(await asyncio.gather(*clients))
+        assert first.daily_limit == 10**9 and served > 0
+        row = await OperationLimit.get(operation="summarize")
+        assert row.daily_limit == 10**9 + 100 and row.updated_at > created  # replaced in place, time moved
+        assert [(q.key_id, q.daily_limit) for q in await KeyQuota.all()] == [("k1", 10**9 + 100)]
+        [usage] = await service.usage()
+        assert usage.request_count == served
+
+
 async def test_timeout_is_504_and_not_counted(env: dict[str, str]) -> None:
     engine = FakeEngine(models=dict(SEED_MODELS), delay=5)
     settings = Settings.from_mapping({**env, "REQUEST_TIMEOUT_SECONDS": "0.2"})

@@ -52,6 +52,8 @@ from ai_platform.usage.models import Reservation as ReservationRow
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# What an admin's PUT replaces in an existing limit or quota row.
+UPSERTED = ("daily_limit", "updated_at")
 
 
 def utc_now() -> datetime:
@@ -216,7 +218,11 @@ class LimitService:
 
     @translate_errors
     async def set_daily_limit(self, operation: str, daily_limit: int) -> LimitInfo:
-        await OperationLimit.update_or_create(defaults={"daily_limit": daily_limit}, operation=operation)
+        # One INSERT ... ON CONFLICT DO UPDATE: a write from its first step. update_or_create reads
+        # first, and on SQLite (WAL) a transaction that read before another connection's commit
+        # cannot write: under request traffic half of such writes failed at once as "locked" (503).
+        limit = OperationLimit(operation=operation, daily_limit=daily_limit)
+        await OperationLimit.bulk_create([limit], on_conflict=["operation"], update_fields=UPSERTED)
         return self._info(operation, daily_limit)
 
     # -- per-key quotas ----------------------------------------------------------------
@@ -228,7 +234,8 @@ class LimitService:
 
     @translate_errors
     async def set_quota(self, key_id: str, operation: str, daily_limit: int) -> QuotaInfo:
-        await KeyQuota.update_or_create(defaults={"daily_limit": daily_limit}, key_id=key_id, operation=operation)
+        quota = KeyQuota(key_id=key_id, operation=operation, daily_limit=daily_limit)
+        await KeyQuota.bulk_create([quota], on_conflict=["key_id", "operation"], update_fields=UPSERTED)  # as above
         return QuotaInfo(key_id, operation, daily_limit)
 
     @translate_errors
