@@ -153,7 +153,7 @@ def app_factory() -> object:
 def serve_main(port: int, workers: int) -> None:
     import uvicorn
 
-    from ai_platform.api.http_limits import HeaderLimitedHttpToolsProtocol
+    from ai_platform.cli import uvicorn_options
 
     uvicorn.run(  # as ``ai-platform serve`` runs it (cli.cmd_serve), with this module's factory
         "control_plane:app_factory",
@@ -161,10 +161,8 @@ def serve_main(port: int, workers: int) -> None:
         host="127.0.0.1",
         port=port,
         workers=workers,
-        log_config=None,
-        server_header=False,
         timeout_graceful_shutdown=5,
-        http=HeaderLimitedHttpToolsProtocol,
+        **uvicorn_options(),
     )
 
 

@@ -48,10 +48,22 @@ def _settings(read: Callable[[], Settings] = Settings.from_env) -> Settings:
         sys.exit(f"ai-platform: invalid configuration: {exc}")
 
 
+def uvicorn_options() -> dict[str, Any]:
+    """How ``serve`` runs uvicorn, besides the app, address, workers and shutdown time (benchmarks reuse it)."""
+    from ai_platform.api.http_limits import HeaderLimitedHttpToolsProtocol
+
+    return {
+        "log_config": None,  # the app configures logging itself
+        "proxy_headers": True,
+        "forwarded_allow_ips": "127.0.0.1",
+        "server_header": False,
+        "http": HeaderLimitedHttpToolsProtocol,  # httptools, with limits on header size and count (431)
+    }
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from ai_platform.api.http_limits import HeaderLimitedHttpToolsProtocol
     from ai_platform.usage.database import sqlite_folder_problem
 
     settings = _settings()
@@ -73,13 +85,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         host=args.host or settings.host,
         port=args.port or settings.port,
         workers=args.workers,
-        log_config=None,  # the app configures logging itself
-        proxy_headers=True,
-        forwarded_allow_ips="127.0.0.1",
-        server_header=False,
         # On SIGTERM, requests in flight (queued ones too) may finish; none runs longer than its timeout.
         timeout_graceful_shutdown=graceful_shutdown_seconds(settings),
-        http=HeaderLimitedHttpToolsProtocol,  # httptools, with limits on header size and count (431)
+        **uvicorn_options(),
     )
 
 
